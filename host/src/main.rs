@@ -1,0 +1,3 @@
+//! The `azgate` binary.
+
+fn main() {}
