@@ -1,0 +1,31 @@
+//! azgate's proxy-wasm HTTP filter.
+//!
+//! For each request it reads the caller's Teleport app certificate from
+//! `x-forwarded-client-cert`, verifies the `Authorization: Bearer` JWT against that certificate's
+//! key, re-checks `azure_identities` RBAC, checks that `X-Forwarded-Host` is an Azure endpoint,
+//! obtains a managed-identity token for (identity, resource) through an IMDS-protocol call-out
+//! (cached in shared data for every worker), and forwards the request with that token. Every
+//! refusal is an Azure-style JSON error; nothing is forwarded on any failure.
+//!
+//! The decisions live in plain modules with native unit tests; the proxy-wasm glue (`host`,
+//! `broker`) is compiled for wasm32 only.
+
+pub mod config;
+pub mod decision;
+pub mod endpoint;
+pub mod error;
+pub mod identity;
+pub mod imds;
+pub mod jwt;
+pub mod policy;
+pub mod token_cache;
+
+#[cfg(target_arch = "wasm32")]
+mod broker;
+#[cfg(target_arch = "wasm32")]
+mod host;
+
+#[cfg(target_arch = "wasm32")]
+proxy_wasm::main! {{
+    host::register();
+}}

@@ -1,0 +1,406 @@
+//! The plugin configuration: JSON, parsed and validated once in `on_configure`.
+//!
+//! Unknown top-level fields are refused (a typo must not silently turn a check off). Roles use
+//! the field names of Teleport role YAML written as JSON; fields other than
+//! `metadata.name`, `spec.allow.azure_identities` and `spec.deny.azure_identities` are ignored,
+//! so existing role files can be pasted in unchanged.
+
+use std::fmt;
+
+use serde::Deserialize;
+
+use crate::endpoint::{Cloud, EndpointPolicy};
+use crate::policy::{IdentityId, RoleRules, RoleSet};
+
+/// A configuration error naming the offending field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// JSON path of the field, e.g. `roles[1].spec.allow.azure_identities[0]`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid plugin configuration: {}: {}",
+            self.field, self.message
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn field_error(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Role definitions by name.
+    pub roles: RoleSet,
+    /// Which Azure clouds' endpoints may be targeted.
+    pub endpoints: EndpointPolicy,
+    /// Cluster the IMDS-protocol token call-out goes to.
+    pub token_cluster: String,
+    /// `:authority` of the token call-out.
+    pub token_authority: String,
+    /// Call-out timeout, milliseconds (> 0).
+    pub token_timeout_ms: u64,
+    /// Cached tokens are used until `expires_on` minus this many seconds.
+    pub token_expiry_margin_s: i64,
+    /// Forward requests without `Authorization` (no token injected), as Teleport does.
+    pub allow_unauthenticated: bool,
+    /// Largest accepted bearer token, bytes.
+    pub max_token_bytes: usize,
+    /// Tolerance for certificate and JWT time checks, seconds.
+    pub clock_skew_s: i64,
+    /// Verified (JWT, certificate) pairs remembered per worker.
+    pub verified_token_cache_size: usize,
+    /// How often a worker waiting for another worker's token fetch looks at shared data, ms.
+    pub token_wait_poll_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            roles: RoleSet::default(),
+            endpoints: EndpointPolicy::default(),
+            token_cluster: "azgate_msi".into(),
+            token_authority: "169.254.169.254".into(),
+            token_timeout_ms: 5_000,
+            token_expiry_margin_s: 300,
+            allow_unauthenticated: false,
+            max_token_bytes: 8 * 1024,
+            clock_skew_s: 60,
+            verified_token_cache_size: 1024,
+            token_wait_poll_ms: 10,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    roles: Option<Vec<serde_json::Value>>,
+    clouds: Option<Vec<String>>,
+    token_cluster: Option<String>,
+    token_authority: Option<String>,
+    token_timeout_ms: Option<u64>,
+    token_expiry_margin_s: Option<i64>,
+    allow_unauthenticated: Option<bool>,
+    max_token_bytes: Option<usize>,
+    clock_skew_s: Option<i64>,
+    verified_token_cache_size: Option<usize>,
+    token_wait_poll_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct RawRole {
+    kind: Option<String>,
+    version: Option<String>,
+    metadata: Option<RawMetadata>,
+    spec: Option<RawSpec>,
+}
+
+#[derive(Deserialize)]
+struct RawMetadata {
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawSpec {
+    allow: Option<RawConditions>,
+    deny: Option<RawConditions>,
+}
+
+#[derive(Deserialize)]
+struct RawConditions {
+    azure_identities: Option<Vec<String>>,
+}
+
+impl Config {
+    /// Parses and validates the plugin configuration bytes. Empty input is refused: a gateway
+    /// without roles would refuse everything, which is never what the operator meant.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let raw: RawConfig = serde_json::from_slice(bytes).map_err(|e| {
+            let message = e.to_string();
+            // serde names the unknown field in its message; keep it as the field.
+            let field = message
+                .split('`')
+                .nth(1)
+                .filter(|_| message.starts_with("unknown field"))
+                .unwrap_or("(document)")
+                .to_string();
+            field_error(field, message)
+        })?;
+        let defaults = Self::default();
+        let roles =
+            parse_roles(raw.roles.ok_or_else(|| {
+                field_error("roles", "required: a list of Teleport roles (JSON)")
+            })?)?;
+        let endpoints = match raw.clouds {
+            None => defaults.endpoints,
+            Some(names) => {
+                if names.is_empty() {
+                    return Err(field_error("clouds", "must name at least one cloud"));
+                }
+                let mut clouds = Vec::new();
+                for (i, name) in names.iter().enumerate() {
+                    let cloud = Cloud::from_name(name).ok_or_else(|| {
+                        field_error(
+                            format!("clouds[{i}]"),
+                            format!("unknown cloud {name:?}; use public, usgov or china"),
+                        )
+                    })?;
+                    clouds.push(cloud);
+                }
+                EndpointPolicy::new(clouds)
+            }
+        };
+        let non_empty = |field: &str, value: Option<String>, default: String| match value {
+            Some(v) if v.trim().is_empty() => Err(field_error(field, "must not be empty")),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        };
+        let config = Self {
+            roles,
+            endpoints,
+            token_cluster: non_empty("token_cluster", raw.token_cluster, defaults.token_cluster)?,
+            token_authority: non_empty(
+                "token_authority",
+                raw.token_authority,
+                defaults.token_authority,
+            )?,
+            token_timeout_ms: in_range(
+                "token_timeout_ms",
+                raw.token_timeout_ms,
+                defaults.token_timeout_ms,
+                1..=600_000,
+            )?,
+            token_expiry_margin_s: in_range(
+                "token_expiry_margin_s",
+                raw.token_expiry_margin_s,
+                defaults.token_expiry_margin_s,
+                0..=3_600,
+            )?,
+            allow_unauthenticated: raw
+                .allow_unauthenticated
+                .unwrap_or(defaults.allow_unauthenticated),
+            max_token_bytes: in_range(
+                "max_token_bytes",
+                raw.max_token_bytes,
+                defaults.max_token_bytes,
+                256..=65_536,
+            )?,
+            clock_skew_s: in_range(
+                "clock_skew_s",
+                raw.clock_skew_s,
+                defaults.clock_skew_s,
+                0..=600,
+            )?,
+            verified_token_cache_size: in_range(
+                "verified_token_cache_size",
+                raw.verified_token_cache_size,
+                defaults.verified_token_cache_size,
+                0..=1_000_000,
+            )?,
+            token_wait_poll_ms: in_range(
+                "token_wait_poll_ms",
+                raw.token_wait_poll_ms,
+                defaults.token_wait_poll_ms,
+                1..=1_000,
+            )?,
+        };
+        Ok(config)
+    }
+}
+
+fn in_range<T: PartialOrd + Copy + fmt::Display>(
+    field: &str,
+    value: Option<T>,
+    default: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, ConfigError> {
+    let value = value.unwrap_or(default);
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(field_error(
+            field,
+            format!("{value} is outside {}..={}", range.start(), range.end()),
+        ))
+    }
+}
+
+fn parse_roles(values: Vec<serde_json::Value>) -> Result<RoleSet, ConfigError> {
+    let mut set = RoleSet::default();
+    for (i, value) in values.into_iter().enumerate() {
+        let at = |rest: &str| format!("roles[{i}]{rest}");
+        let raw: RawRole =
+            serde_json::from_value(value).map_err(|e| field_error(at(""), e.to_string()))?;
+        if let Some(kind) = &raw.kind
+            && kind != "role"
+        {
+            return Err(field_error(
+                at(".kind"),
+                format!("expected \"role\", got {kind:?}"),
+            ));
+        }
+        if let Some(version) = &raw.version
+            && !matches!(version.as_str(), "v3" | "v4" | "v5" | "v6" | "v7" | "v8")
+        {
+            return Err(field_error(
+                at(".version"),
+                format!("unsupported role version {version:?} (v3 to v8)"),
+            ));
+        }
+        let name = raw
+            .metadata
+            .and_then(|m| m.name)
+            .filter(|n| !n.trim().is_empty())
+            .ok_or_else(|| field_error(at(".metadata.name"), "required"))?;
+        let (allow, deny) = match raw.spec {
+            Some(spec) => (
+                spec.allow
+                    .and_then(|c| c.azure_identities)
+                    .unwrap_or_default(),
+                spec.deny
+                    .and_then(|c| c.azure_identities)
+                    .unwrap_or_default(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
+        let mut rules = RoleRules::default();
+        for (j, id) in allow.iter().enumerate() {
+            let field = at(&format!(".spec.allow.azure_identities[{j}]"));
+            check_not_template(&field, id)?;
+            if id == "*" {
+                return Err(field_error(
+                    field,
+                    "\"*\" is not allowed in allow rules (Teleport refuses it too); list identities",
+                ));
+            }
+            let id = IdentityId::parse(id).map_err(|e| field_error(field, e))?;
+            rules.allow.push(id.folded().to_string());
+        }
+        for (j, id) in deny.iter().enumerate() {
+            let field = at(&format!(".spec.deny.azure_identities[{j}]"));
+            check_not_template(&field, id)?;
+            if id == "*" {
+                rules.deny_all = true;
+                continue;
+            }
+            let id = IdentityId::parse(id).map_err(|e| field_error(field, e))?;
+            rules.deny.push(id.folded().to_string());
+        }
+        if !set.insert(name.clone(), rules) {
+            return Err(field_error(
+                at(".metadata.name"),
+                format!("role {name:?} is defined twice"),
+            ));
+        }
+    }
+    Ok(set)
+}
+
+/// Teleport expands `{{internal.azure_identities}}` from user traits on the auth server; the
+/// filter has no traits, so a template would silently match nothing. Refuse it loudly instead.
+fn check_not_template(field: &str, value: &str) -> Result<(), ConfigError> {
+    if value.contains("{{") {
+        return Err(field_error(
+            field,
+            "role templates cannot be expanded by the gateway; list identities explicitly",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "/subscriptions/00/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/reader";
+
+    fn role(name: &str, allow: &[&str], deny: &[&str]) -> serde_json::Value {
+        serde_json::json!({
+            "kind": "role", "version": "v7", "metadata": {"name": name},
+            "spec": {"allow": {"azure_identities": allow, "app_labels": {"*": "*"}},
+                     "deny": {"azure_identities": deny}}
+        })
+    }
+
+    fn parse(v: serde_json::Value) -> Result<Config, ConfigError> {
+        Config::parse(v.to_string().as_bytes())
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = parse(serde_json::json!({"roles": [role("r", &[ID], &[])]})).unwrap();
+        assert_eq!(config.roles.len(), 1);
+        assert_eq!(config.token_cluster, "azgate_msi");
+        assert_eq!(config.token_timeout_ms, 5_000);
+        assert!(!config.allow_unauthenticated);
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let err =
+            parse(serde_json::json!({"roles": [], "allow_unauthenticted": true})).unwrap_err();
+        assert_eq!(err.field, "allow_unauthenticted");
+    }
+
+    #[test]
+    fn bad_identities_name_their_field() {
+        let err =
+            parse(serde_json::json!({"roles": [role("a", &[ID], &[]), role("b", &["nope"], &[])]}))
+                .unwrap_err();
+        assert_eq!(err.field, "roles[1].spec.allow.azure_identities[0]");
+    }
+
+    #[test]
+    fn wildcard_allowed_only_in_deny() {
+        let err = parse(serde_json::json!({"roles": [role("a", &["*"], &[])]})).unwrap_err();
+        assert_eq!(err.field, "roles[0].spec.allow.azure_identities[0]");
+        assert!(parse(serde_json::json!({"roles": [role("a", &[ID], &["*"])]})).is_ok());
+    }
+
+    #[test]
+    fn templates_duplicates_and_missing_names_are_refused() {
+        let err = parse(
+            serde_json::json!({"roles": [role("a", &["{{internal.azure_identities}}"], &[])]}),
+        )
+        .unwrap_err();
+        assert!(err.message.contains("templates"));
+        let err =
+            parse(serde_json::json!({"roles": [role("a", &[ID], &[]), role("a", &[ID], &[])]}))
+                .unwrap_err();
+        assert_eq!(err.field, "roles[1].metadata.name");
+        let err = parse(serde_json::json!({"roles": [{"spec": {}}]})).unwrap_err();
+        assert_eq!(err.field, "roles[0].metadata.name");
+    }
+
+    #[test]
+    fn ranges_and_clouds_are_checked() {
+        let err = parse(serde_json::json!({"roles": [], "token_timeout_ms": 0})).unwrap_err();
+        assert_eq!(err.field, "token_timeout_ms");
+        let err =
+            parse(serde_json::json!({"roles": [], "clouds": ["public", "mars"]})).unwrap_err();
+        assert_eq!(err.field, "clouds[1]");
+        let err = parse(serde_json::json!({"roles": [], "token_cluster": " "})).unwrap_err();
+        assert_eq!(err.field, "token_cluster");
+    }
+
+    #[test]
+    fn missing_roles_and_bad_json_are_refused() {
+        assert_eq!(parse(serde_json::json!({})).unwrap_err().field, "roles");
+        assert!(Config::parse(b"").is_err());
+        assert!(Config::parse(b"{").is_err());
+    }
+}

@@ -1,0 +1,262 @@
+//! The per-request decision, from request headers to "forward with a token for (identity,
+//! resource) to this host" or a refusal. Pure: the proxy-wasm glue feeds it headers and the clock.
+//!
+//! Order of checks: certificate (identity, validity, selected identity), `Authorization` shape,
+//! RBAC, target endpoint, and last the JWT signature (the expensive step) and its claims.
+
+use std::collections::{HashMap, VecDeque};
+
+use sha2::{Digest, Sha256};
+
+use crate::config::Config;
+use crate::endpoint::printable;
+use crate::error::Refusal;
+use crate::identity::{self, AppIdentity};
+use crate::jwt::{self, Claims};
+use crate::policy::IdentityId;
+
+/// The request headers the decision reads (all values of each).
+#[derive(Debug, Default)]
+pub struct RequestView<'a> {
+    /// `x-forwarded-client-cert` values, as set by the host.
+    pub xfcc: Vec<&'a str>,
+    /// `authorization` values.
+    pub authorization: Vec<&'a str>,
+    /// `x-forwarded-host` values.
+    pub forwarded_host: Vec<&'a str>,
+    /// `:method`.
+    pub method: &'a str,
+    /// `:path`.
+    pub path: &'a str,
+}
+
+/// A request allowed to go upstream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// The Azure host, normalised: the new `:authority`.
+    pub target: String,
+    /// The managed identity whose token is injected.
+    pub identity: IdentityId,
+    /// The audience of the token; `None` for unauthenticated forwarding (no token injected).
+    pub resource: Option<String>,
+}
+
+/// What the audit line says about a request. Never holds tokens or keys.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditFields {
+    /// Certificate CN, once known.
+    pub user: Option<String>,
+    /// Certificate O attributes, once known.
+    pub roles: Vec<String>,
+    /// Selected identity, once known.
+    pub identity: Option<String>,
+    /// Target host as requested (sanitised), once known.
+    pub target: Option<String>,
+    /// `resource` claim, once verified.
+    pub resource: Option<String>,
+    /// `:method`.
+    pub method: String,
+    /// `:path` without its query (sanitised).
+    pub path: String,
+}
+
+impl AuditFields {
+    /// One JSON audit line for the final decision.
+    pub fn line(&self, outcome: Result<(), &Refusal>) -> String {
+        let (decision, code, status) = match outcome {
+            Ok(()) => ("allow", "Allowed", 0),
+            Err(refusal) => ("deny", refusal.code(), refusal.status()),
+        };
+        let mut line = serde_json::json!({
+            "event": "azgate.request",
+            "decision": decision,
+            "code": code,
+            "user": self.user,
+            "roles": self.roles,
+            "identity": self.identity,
+            "target": self.target,
+            "resource": self.resource,
+            "method": self.method,
+            "path": self.path,
+        });
+        if status != 0 {
+            line["status"] = status.into();
+        }
+        line.to_string()
+    }
+}
+
+/// Remembers (JWT, certificate) pairs that verified, so a reused token is not re-verified on
+/// every request. Keyed by a SHA-256 of both; bounded, oldest evicted first. Time claims are
+/// re-checked on every use.
+#[derive(Debug, Default)]
+pub struct VerifiedTokens {
+    capacity: usize,
+    claims: HashMap<[u8; 32], Claims>,
+    order: VecDeque<[u8; 32]>,
+}
+
+impl VerifiedTokens {
+    /// A cache holding at most `capacity` pairs (0 disables it).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            ..Default::default()
+        }
+    }
+
+    fn key(token: &str, cert: &AppIdentity) -> [u8; 32] {
+        let mut hasher = Sha256::new();
+        hasher.update(cert.fingerprint);
+        hasher.update(token.as_bytes());
+        hasher.finalize().into()
+    }
+
+    fn verify(&mut self, token: &str, cert: &AppIdentity) -> Result<Claims, Refusal> {
+        let key = Self::key(token, cert);
+        if let Some(claims) = self.claims.get(&key) {
+            return Ok(claims.clone());
+        }
+        let claims = jwt::verify(token, &cert.public_key)?;
+        if self.capacity > 0 {
+            if self.order.len() >= self.capacity
+                && let Some(oldest) = self.order.pop_front()
+            {
+                self.claims.remove(&oldest);
+            }
+            self.order.push_back(key);
+            self.claims.insert(key, claims.clone());
+        }
+        Ok(claims)
+    }
+
+    /// Pairs currently remembered.
+    pub fn len(&self) -> usize {
+        self.claims.len()
+    }
+
+    /// True if nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.claims.is_empty()
+    }
+}
+
+/// Decides a request at Unix time `now`. The audit fields are filled as far as the decision got.
+pub fn decide(
+    view: &RequestView<'_>,
+    config: &Config,
+    now: i64,
+    verified: &mut VerifiedTokens,
+) -> (AuditFields, Result<Grant, Refusal>) {
+    let mut audit = AuditFields {
+        method: printable(view.method),
+        path: printable(view.path.split('?').next().unwrap_or_default()),
+        ..Default::default()
+    };
+    let result = decide_into(view, config, now, verified, &mut audit);
+    (audit, result)
+}
+
+fn decide_into(
+    view: &RequestView<'_>,
+    config: &Config,
+    now: i64,
+    verified: &mut VerifiedTokens,
+    audit: &mut AuditFields,
+) -> Result<Grant, Refusal> {
+    let pem = identity::cert_pem_from_xfcc(&view.xfcc)?;
+    let cert = identity::parse_app_certificate(&pem)?;
+    audit.user = Some(cert.user.clone());
+    audit.roles = cert.roles.clone();
+    audit.identity = cert.selected_identity.clone();
+    if let Some(host) = view.forwarded_host.first() {
+        audit.target = Some(printable(host));
+    }
+    cert.check_validity(now, config.clock_skew_s)?;
+    let selected = cert.selected_identity.as_deref().ok_or_else(|| {
+        Refusal::NoIdentitySelected(
+            "the certificate selects no Azure identity; log in with --azure-identity".into(),
+        )
+    })?;
+    let selected = IdentityId::parse(selected).map_err(|e| {
+        Refusal::InvalidClientCertificate(format!("the selected Azure identity is invalid: {e}"))
+    })?;
+
+    let bearer = match view.authorization.as_slice() {
+        [] if config.allow_unauthenticated => None,
+        [] => {
+            return Err(Refusal::MissingToken(
+                "the request has no Authorization header; azgate requires a token signed by \
+                 your app certificate"
+                    .into(),
+            ));
+        }
+        [one] => Some(jwt::bearer_token(one, config.max_token_bytes)?),
+        _ => {
+            return Err(Refusal::InvalidAuthorizationHeader(
+                "more than one Authorization header".into(),
+            ));
+        }
+    };
+
+    config
+        .roles
+        .check(&cert.roles, &selected, &cert.allowed_identities)?;
+    let target = config.endpoints.target(&view.forwarded_host)?;
+    audit.target = Some(target.clone());
+
+    let resource = match bearer {
+        None => None,
+        Some(token) => {
+            let claims = verified.verify(token, &cert)?;
+            claims.check_time(now, config.clock_skew_s)?;
+            jwt::check_resource(&claims.resource)?;
+            audit.resource = Some(claims.resource.clone());
+            Some(claims.resource)
+        }
+    };
+    Ok(Grant {
+        target,
+        identity: selected,
+        resource,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_certificate_is_refused_first() {
+        let config = Config::default();
+        let view = RequestView {
+            authorization: vec!["Bearer x"],
+            forwarded_host: vec!["management.azure.com"],
+            method: "GET",
+            path: "/subscriptions?api-version=2022-01-01",
+            ..Default::default()
+        };
+        let (audit, result) = decide(&view, &config, 0, &mut VerifiedTokens::new(4));
+        assert_eq!(result.unwrap_err().code(), "MissingClientCertificate");
+        assert_eq!(audit.path, "/subscriptions");
+        assert_eq!(audit.user, None);
+    }
+
+    #[test]
+    fn audit_line_is_json_without_secrets() {
+        let audit = AuditFields {
+            user: Some("alice".into()),
+            method: "GET".into(),
+            path: "/x".into(),
+            ..Default::default()
+        };
+        let refusal = Refusal::IdentityNotAllowed("no".into());
+        let line: serde_json::Value = serde_json::from_str(&audit.line(Err(&refusal))).unwrap();
+        assert_eq!(line["decision"], "deny");
+        assert_eq!(line["code"], "IdentityNotAllowed");
+        assert_eq!(line["status"], 403);
+        assert_eq!(line["user"], "alice");
+        let line: serde_json::Value = serde_json::from_str(&audit.line(Ok(()))).unwrap();
+        assert_eq!(line["decision"], "allow");
+    }
+}

@@ -1,0 +1,259 @@
+//! The proxy-wasm glue: one root context per VM parses the configuration once; request contexts
+//! are thin and hand every decision to [`crate::decision`] and every token to the broker.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::UNIX_EPOCH;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, Status};
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::decision::{self, RequestView, VerifiedTokens};
+use crate::error::Refusal;
+use crate::imds::AccessToken;
+use crate::token_cache::SharedStore;
+
+/// Installs the root context factory.
+pub(crate) fn register() {
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|root_id| Box::new(Root::new(root_id)));
+}
+
+/// Wall-clock Unix milliseconds from the host. A failing clock yields 0, which every time check
+/// treats as "not valid yet": fail closed.
+pub(crate) fn now_ms() -> i64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .and_then(|d| i64::try_from(d.as_millis()).ok())
+        .unwrap_or(0)
+}
+
+/// Logs at `level`; logging failures are ignored (there is nowhere else to report them).
+pub(crate) fn log(level: LogLevel, message: &str) {
+    let _ = hostcalls::log(level, message);
+}
+
+/// Per-VM state shared by the root and request contexts.
+struct Shared {
+    config: Config,
+    broker: RefCell<Broker>,
+    verified: RefCell<VerifiedTokens>,
+}
+
+// === impl Root ===
+
+struct Root {
+    id: u32,
+    shared: Option<Rc<Shared>>,
+}
+
+impl Root {
+    fn new(id: u32) -> Self {
+        Self { id, shared: None }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token: u32, headers: usize, body: usize, _: usize) {
+        if let Some(shared) = &self.shared {
+            shared
+                .broker
+                .borrow_mut()
+                .on_call_response(&shared.config, token, headers, body);
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _: usize) -> bool {
+        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        match Config::parse(&bytes) {
+            Ok(config) => {
+                log(
+                    LogLevel::Info,
+                    &format!(
+                        "azgate: configured with {} roles, token cluster {:?}",
+                        config.roles.len(),
+                        config.token_cluster
+                    ),
+                );
+                let verified = VerifiedTokens::new(config.verified_token_cache_size);
+                let broker = Broker::new(&config, self.id, now_ms());
+                self.shared = Some(Rc::new(Shared {
+                    config,
+                    broker: RefCell::new(broker),
+                    verified: RefCell::new(verified),
+                }));
+                true
+            }
+            Err(err) => {
+                log(LogLevel::Critical, &format!("azgate: {err}"));
+                false
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(shared) = &self.shared {
+            shared.broker.borrow_mut().on_tick(&shared.config, now_ms());
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Request {
+            id: context_id,
+            shared: self.shared.clone(),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+// === impl Request ===
+
+struct Request {
+    id: u32,
+    /// `None` only if the configuration was refused, in which case the host never starts the
+    /// plugin; kept optional so a misbehaving host gets a refusal rather than a trap.
+    shared: Option<Rc<Shared>>,
+}
+
+impl Context for Request {
+    fn on_http_call_response(&mut self, token: u32, headers: usize, body: usize, _: usize) {
+        if let Some(shared) = &self.shared {
+            shared
+                .broker
+                .borrow_mut()
+                .on_call_response(&shared.config, token, headers, body);
+        }
+    }
+
+    fn on_done(&mut self) -> bool {
+        if let Some(shared) = &self.shared {
+            shared.broker.borrow_mut().forget(self.id);
+        }
+        true
+    }
+}
+
+impl HttpContext for Request {
+    fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+        let Some(shared) = self.shared.clone() else {
+            refuse(&Refusal::Internal("the filter is not configured".into()));
+            return Action::Pause;
+        };
+        let headers = self.get_http_request_headers();
+        let values = |name: &str| -> Vec<&str> {
+            headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+                .collect()
+        };
+        let view = RequestView {
+            xfcc: values("x-forwarded-client-cert"),
+            authorization: values("authorization"),
+            forwarded_host: values("x-forwarded-host"),
+            method: values(":method").first().copied().unwrap_or_default(),
+            path: values(":path").first().copied().unwrap_or_default(),
+        };
+        let now = now_ms();
+        let (audit, decided) = decision::decide(
+            &view,
+            &shared.config,
+            now / 1000,
+            &mut shared.verified.borrow_mut(),
+        );
+        let grant = match decided {
+            Ok(grant) => grant,
+            Err(refusal) => {
+                log(LogLevel::Info, &audit.line(Err(&refusal)));
+                refuse(&refusal);
+                return Action::Pause;
+            }
+        };
+        if grant.resource.is_none() {
+            // Unauthenticated forwarding (allowed by configuration): no token is injected.
+            return match rewrite(&grant.target, None) {
+                Ok(()) => {
+                    log(LogLevel::Info, &audit.line(Ok(())));
+                    Action::Continue
+                }
+                Err(refusal) => {
+                    log(LogLevel::Info, &audit.line(Err(&refusal)));
+                    refuse(&refusal);
+                    Action::Pause
+                }
+            };
+        }
+        let mut broker = shared.broker.borrow_mut();
+        broker.request_token(&shared.config, &HostSharedData, self.id, grant, audit, now)
+    }
+}
+
+/// Rewrites the request for upstream: the target as `:authority`, the MSI token (if any) as the
+/// only credential, and none of the headers that were meant for azgate.
+pub(crate) fn rewrite(target: &str, token: Option<&AccessToken>) -> Result<(), Refusal> {
+    let internal = |s: Status| Refusal::Internal(format!("could not rewrite the request ({s:?})"));
+    let bearer = token.map(|t| format!("Bearer {}", t.secret));
+    hostcalls::set_map_value(
+        MapType::HttpRequestHeaders,
+        "authorization",
+        bearer.as_deref(),
+    )
+    .map_err(internal)?;
+    hostcalls::set_map_value(MapType::HttpRequestHeaders, ":authority", Some(target))
+        .map_err(internal)?;
+    for name in ["x-forwarded-client-cert", "x-forwarded-host"] {
+        hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None).map_err(internal)?;
+    }
+    Ok(())
+}
+
+/// Answers the effective context's request locally with the refusal's status and Azure-style
+/// body.
+pub(crate) fn refuse(refusal: &Refusal) {
+    let body = refusal.body();
+    let sent = hostcalls::send_http_response(
+        refusal.status(),
+        vec![
+            ("content-type", "application/json; charset=utf-8"),
+            ("x-azgate-error", refusal.code()),
+        ],
+        Some(body.as_bytes()),
+    );
+    if let Err(status) = sent {
+        log(
+            LogLevel::Error,
+            &format!(
+                "azgate: could not send the {} refusal ({status:?})",
+                refusal.code()
+            ),
+        );
+    }
+}
+
+/// proxy-wasm shared data, visible to every worker's VM.
+pub(crate) struct HostSharedData;
+
+impl SharedStore for HostSharedData {
+    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        hostcalls::get_shared_data(key).unwrap_or((None, None))
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, Refusal> {
+        match hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => Ok(true),
+            Err(Status::CasMismatch) => Ok(false),
+            Err(status) => Err(Refusal::Internal(format!(
+                "shared data write failed ({status:?})"
+            ))),
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The IMDS protocol as the filter speaks it to the token cluster: the request it sends and how
+//! it reads the answer.
+//!
+//! IMDS writes every number as a JSON string; other MSI endpoints write numbers. Both are read.
+//! `expires_on` (absolute) is preferred over `expires_in` (relative, and ambiguous because IMDS
+//! serves tokens from its own cache).
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use serde::Deserialize;
+
+use crate::error::Refusal;
+
+/// The IMDS token path.
+pub const TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
+/// The API version every Azure SDK sends.
+pub const API_VERSION: &str = "2018-02-01";
+
+/// Characters left as-is in query values (RFC 3986 unreserved).
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// The `:path` of the token request for (identity, resource).
+pub fn token_request_path(identity: &str, resource: &str) -> String {
+    format!(
+        "{TOKEN_PATH}?api-version={API_VERSION}&resource={}&msi_res_id={}",
+        utf8_percent_encode(resource, QUERY_VALUE),
+        utf8_percent_encode(identity, QUERY_VALUE)
+    )
+}
+
+/// A managed-identity access token. Its `Debug` never prints the token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AccessToken {
+    /// The bearer token.
+    pub secret: String,
+    /// Expiry, Unix seconds.
+    pub expires_on: i64,
+}
+
+impl std::fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("secret", &"...")
+            .field("expires_on", &self.expires_on)
+            .finish()
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenBody {
+    access_token: Option<String>,
+    expires_on: Option<serde_json::Value>,
+    expires_in: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: Option<serde_json::Value>,
+}
+
+/// Reads a token-service answer with HTTP `status` and `body`, received at `now`.
+pub fn parse_token_response(status: u16, body: &[u8], now: i64) -> Result<AccessToken, Refusal> {
+    if status != 200 {
+        return Err(token_service_error(status, body));
+    }
+    let parsed: TokenBody = serde_json::from_slice(body).map_err(|_| {
+        Refusal::InvalidTokenServiceResponse(
+            "the token service answered with malformed JSON".into(),
+        )
+    })?;
+    let secret = parsed
+        .access_token
+        .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or_else(|| {
+            Refusal::InvalidTokenServiceResponse(
+                "the token service answer has no usable access_token".into(),
+            )
+        })?;
+    let expires_on = match (
+        seconds(parsed.expires_on.as_ref()),
+        seconds(parsed.expires_in.as_ref()),
+    ) {
+        (Some(on), _) => on,
+        (None, Some(within)) => now.saturating_add(within),
+        (None, None) => {
+            return Err(Refusal::InvalidTokenServiceResponse(
+                "the token service answer has no usable expires_on or expires_in".into(),
+            ));
+        }
+    };
+    if expires_on <= now {
+        return Err(Refusal::InvalidTokenServiceResponse(
+            "the token service returned an expired token".into(),
+        ));
+    }
+    Ok(AccessToken { secret, expires_on })
+}
+
+/// A JSON number or a numeric string, as whole seconds.
+fn seconds(value: Option<&serde_json::Value>) -> Option<i64> {
+    match value? {
+        serde_json::Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
+        serde_json::Value::String(s) => s.trim().parse::<i64>().ok(),
+        _ => None,
+    }
+}
+
+/// Maps a non-200 token-service answer to a refusal, keeping IMDS's error code (not its
+/// description, which Microsoft says may change and may echo input).
+fn token_service_error(status: u16, body: &[u8]) -> Refusal {
+    let code = serde_json::from_slice::<ErrorBody>(body)
+        .ok()
+        .and_then(|b| b.error)
+        .and_then(|e| match e {
+            serde_json::Value::String(s) => Some(s),
+            // Service Fabric / ARM style: {"error":{"code":...}}
+            serde_json::Value::Object(o) => {
+                o.get("code").and_then(|c| c.as_str()).map(String::from)
+            }
+            _ => None,
+        })
+        .map(|c| crate::endpoint::printable(&c))
+        .unwrap_or_else(|| "unknown".into());
+    let detail = format!("the token service answered {status} ({code})");
+    match status {
+        504 => Refusal::TokenServiceTimeout(detail),
+        _ => Refusal::TokenUnavailable(detail),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_path_percent_encodes_resource_and_identity() {
+        let path = token_request_path(
+            "/subscriptions/1/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/x",
+            "https://management.azure.com/",
+        );
+        assert_eq!(
+            path,
+            "/metadata/identity/oauth2/token?api-version=2018-02-01\
+             &resource=https%3A%2F%2Fmanagement.azure.com%2F\
+             &msi_res_id=%2Fsubscriptions%2F1%2FresourceGroups%2Frg%2Fproviders%2FMicrosoft.ManagedIdentity%2FuserAssignedIdentities%2Fx"
+        );
+    }
+
+    #[test]
+    fn imds_string_numbers_are_read_and_expires_on_preferred() {
+        let body = br#"{"access_token":"tok","expires_in":"10","expires_on":"5000","token_type":"Bearer"}"#;
+        let token = parse_token_response(200, body, 1000).unwrap();
+        assert_eq!(token.secret, "tok");
+        assert_eq!(token.expires_on, 5000);
+    }
+
+    #[test]
+    fn json_numbers_and_expires_in_fallback_are_read() {
+        let token =
+            parse_token_response(200, br#"{"access_token":"t","expires_on":5000}"#, 1000).unwrap();
+        assert_eq!(token.expires_on, 5000);
+        let token =
+            parse_token_response(200, br#"{"access_token":"t","expires_in":3599}"#, 1000).unwrap();
+        assert_eq!(token.expires_on, 4599);
+    }
+
+    #[test]
+    fn unusable_answers_are_invalid_responses() {
+        for body in [
+            &b"not json"[..],
+            br#"{"expires_on":"5000"}"#,
+            br#"{"access_token":"","expires_on":"5000"}"#,
+            br#"{"access_token":"t"}"#,
+            br#"{"access_token":"t","expires_on":"soon"}"#,
+            br#"{"access_token":"t","expires_on":"999"}"#,
+            br#"{"access_token":"a b","expires_on":"5000"}"#,
+        ] {
+            let err = parse_token_response(200, body, 1000).unwrap_err();
+            assert_eq!(
+                err.code(),
+                "InvalidTokenServiceResponse",
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn imds_errors_keep_the_code_and_map_status() {
+        let err = parse_token_response(
+            400,
+            br#"{"error":"invalid_resource","error_description":"AADSTS50001: secret stuff"}"#,
+            0,
+        )
+        .unwrap_err();
+        assert_eq!(err.code(), "TokenUnavailable");
+        assert!(err.message().contains("400 (invalid_resource)"));
+        assert!(!err.message().contains("AADSTS"));
+        assert_eq!(
+            parse_token_response(504, b"upstream request timeout", 0)
+                .unwrap_err()
+                .code(),
+            "TokenServiceTimeout"
+        );
+        assert_eq!(
+            parse_token_response(429, b"", 0).unwrap_err().code(),
+            "TokenUnavailable"
+        );
+    }
+
+    #[test]
+    fn debug_never_prints_the_token() {
+        let token = AccessToken {
+            secret: "eyJsecret".into(),
+            expires_on: 1,
+        };
+        assert!(!format!("{token:?}").contains("eyJsecret"));
+    }
+}

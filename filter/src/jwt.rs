@@ -1,0 +1,359 @@
+//! Proof of possession: the request's `Authorization: Bearer <JWT>` must be signed by the private
+//! key of the client certificate.
+//!
+//! tsh signs `{"resource": ..., "tid": ...}` with the app certificate's key (RS256 for RSA keys,
+//! ES256 for P-256) and sends no `exp`. The algorithm is taken from the key, never from the token:
+//! the header's `alg` must equal the key's, so `none`, HS* and RS/ES confusion are refused.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::Refusal;
+use crate::identity::PublicKey;
+
+/// Largest accepted `resource` claim.
+pub const MAX_RESOURCE_BYTES: usize = 512;
+
+/// The verified claims azgate uses.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Claims {
+    /// The audience the caller wants a token for (`resource`).
+    pub resource: String,
+    /// Tenant id, informational.
+    pub tid: Option<String>,
+    /// `exp`, Unix seconds, if present.
+    pub exp: Option<f64>,
+    /// `nbf`, Unix seconds, if present.
+    pub nbf: Option<f64>,
+}
+
+impl Claims {
+    /// Enforces `exp` and `nbf` when present, with `skew` seconds of tolerance.
+    pub fn check_time(&self, now: i64, skew: i64) -> Result<(), Refusal> {
+        let now = now as f64;
+        if let Some(exp) = self.exp
+            && now > exp + skew as f64
+        {
+            return Err(Refusal::TokenExpired("the bearer token has expired".into()));
+        }
+        if let Some(nbf) = self.nbf
+            && now < nbf - skew as f64
+        {
+            return Err(Refusal::TokenNotYetValid(
+                "the bearer token is not valid yet".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+struct Header {
+    alg: String,
+    #[serde(default)]
+    crit: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct RawClaims {
+    resource: Option<serde_json::Value>,
+    tid: Option<serde_json::Value>,
+    exp: Option<serde_json::Value>,
+    nbf: Option<serde_json::Value>,
+}
+
+/// Extracts the token from an `Authorization` header value.
+pub fn bearer_token(authorization: &str, max_bytes: usize) -> Result<&str, Refusal> {
+    let (scheme, token) = authorization.trim().split_once(' ').ok_or_else(|| {
+        Refusal::InvalidAuthorizationHeader("Authorization must be \"Bearer <token>\"".into())
+    })?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(Refusal::InvalidAuthorizationHeader(
+            "Authorization must use the Bearer scheme".into(),
+        ));
+    }
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(Refusal::InvalidAuthorizationHeader(
+            "the bearer token is empty".into(),
+        ));
+    }
+    if token.len() > max_bytes {
+        return Err(Refusal::TokenTooLarge(format!(
+            "the bearer token is larger than {max_bytes} bytes"
+        )));
+    }
+    Ok(token)
+}
+
+/// Verifies `token` against `key` and returns its claims. Time claims are not checked here (see
+/// [`Claims::check_time`]), so a verification can be cached and re-checked on reuse.
+pub fn verify(token: &str, key: &PublicKey) -> Result<Claims, Refusal> {
+    let invalid = |why: &str| Refusal::InvalidToken(format!("the bearer token {why}"));
+    let mut parts = token.split('.');
+    let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(invalid("is not a compact JWS (header.payload.signature)"));
+    };
+    let header: Header =
+        decode_json(header_b64).ok_or_else(|| invalid("has an unreadable header"))?;
+    if header.crit.is_some() {
+        return Err(invalid(
+            "uses critical header extensions azgate does not understand",
+        ));
+    }
+    let signature = URL_SAFE_NO_PAD
+        .decode(signature_b64)
+        .map_err(|_| invalid("has an unreadable signature"))?;
+    let signed = &token[..header_b64.len() + 1 + payload_b64.len()];
+    match (key, header.alg.as_str()) {
+        (PublicKey::P256(key), "ES256") => {
+            use p256::ecdsa::signature::Verifier;
+            let sig = p256::ecdsa::Signature::from_slice(&signature)
+                .map_err(|_| invalid("has a malformed ES256 signature"))?;
+            key.verify(signed.as_bytes(), &sig)
+                .map_err(|_| invalid("signature does not match the client certificate"))?;
+        }
+        (PublicKey::Rsa(key), "RS256") => {
+            let digest = Sha256::digest(signed.as_bytes());
+            key.verify(rsa::Pkcs1v15Sign::new::<Sha256>(), &digest, &signature)
+                .map_err(|_| invalid("signature does not match the client certificate"))?;
+        }
+        (PublicKey::P256(_), alg) => {
+            return Err(invalid(&format!(
+                "uses algorithm {:?}; the certificate's P-256 key requires ES256",
+                crate::endpoint::printable(alg)
+            )));
+        }
+        (PublicKey::Rsa(_), alg) => {
+            return Err(invalid(&format!(
+                "uses algorithm {:?}; the certificate's RSA key requires RS256",
+                crate::endpoint::printable(alg)
+            )));
+        }
+    }
+    let raw: RawClaims =
+        decode_json(payload_b64).ok_or_else(|| invalid("has an unreadable payload"))?;
+    let resource = match raw.resource {
+        Some(serde_json::Value::String(r)) if !r.is_empty() => r,
+        _ => return Err(invalid("has no \"resource\" claim")),
+    };
+    let tid = match raw.tid {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(t)) => Some(t),
+        Some(_) => return Err(invalid("has a non-string \"tid\" claim")),
+    };
+    Ok(Claims {
+        resource,
+        tid,
+        exp: numeric_date(raw.exp).map_err(|_| invalid("has a non-numeric \"exp\""))?,
+        nbf: numeric_date(raw.nbf).map_err(|_| invalid("has a non-numeric \"nbf\""))?,
+    })
+}
+
+fn decode_json<T: for<'de> Deserialize<'de>>(b64: &str) -> Option<T> {
+    let bytes = URL_SAFE_NO_PAD.decode(b64).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn numeric_date(value: Option<serde_json::Value>) -> Result<Option<f64>, ()> {
+    match value {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Number(n)) => n.as_f64().map(Some).ok_or(()),
+        Some(_) => Err(()),
+    }
+}
+
+/// Checks that a `resource` claim is an audience worth asking the token service for: bounded,
+/// printable, no whitespace. IMDS itself decides whether the audience exists.
+pub fn check_resource(resource: &str) -> Result<(), Refusal> {
+    if resource.len() > MAX_RESOURCE_BYTES {
+        return Err(Refusal::InvalidResource(format!(
+            "the resource claim is longer than {MAX_RESOURCE_BYTES} bytes"
+        )));
+    }
+    if !resource.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Refusal::InvalidResource(
+            "the resource claim must be printable ASCII without spaces".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p256::ecdsa::SigningKey;
+    use p256::ecdsa::signature::Signer;
+
+    fn b64(v: &serde_json::Value) -> String {
+        URL_SAFE_NO_PAD.encode(v.to_string())
+    }
+
+    fn es256(key: &SigningKey, header: serde_json::Value, claims: serde_json::Value) -> String {
+        let signed = format!("{}.{}", b64(&header), b64(&claims));
+        let sig: p256::ecdsa::Signature = key.sign(signed.as_bytes());
+        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
+    }
+
+    fn key() -> SigningKey {
+        SigningKey::from_slice(&[7u8; 32]).unwrap()
+    }
+
+    fn public(key: &SigningKey) -> PublicKey {
+        PublicKey::P256(*key.verifying_key())
+    }
+
+    #[test]
+    fn es256_token_signed_by_the_certificate_key_verifies() {
+        let k = key();
+        let token = es256(
+            &k,
+            serde_json::json!({"alg":"ES256","typ":"JWT"}),
+            serde_json::json!({"resource":"https://management.azure.com/","tid":"t"}),
+        );
+        let claims = verify(&token, &public(&k)).unwrap();
+        assert_eq!(claims.resource, "https://management.azure.com/");
+        assert_eq!(claims.tid.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn token_signed_by_another_key_is_refused() {
+        let other = SigningKey::from_slice(&[9u8; 32]).unwrap();
+        let token = es256(
+            &other,
+            serde_json::json!({"alg":"ES256"}),
+            serde_json::json!({"resource":"r"}),
+        );
+        assert_eq!(
+            verify(&token, &public(&key())).unwrap_err().code(),
+            "InvalidToken"
+        );
+    }
+
+    #[test]
+    fn alg_none_hs256_and_rs256_on_an_ec_key_are_refused() {
+        let k = key();
+        for alg in ["none", "HS256", "RS256", "ES384", "es256"] {
+            let token = es256(
+                &k,
+                serde_json::json!({"alg":alg}),
+                serde_json::json!({"resource":"r"}),
+            );
+            let err = verify(&token, &public(&k)).unwrap_err();
+            assert_eq!(err.code(), "InvalidToken", "{alg}");
+        }
+        let unsigned = format!(
+            "{}.{}.",
+            b64(&serde_json::json!({"alg":"none"})),
+            b64(&serde_json::json!({"resource":"r"}))
+        );
+        assert_eq!(
+            verify(&unsigned, &public(&k)).unwrap_err().code(),
+            "InvalidToken"
+        );
+    }
+
+    #[test]
+    fn tampered_payload_is_refused() {
+        let k = key();
+        let token = es256(
+            &k,
+            serde_json::json!({"alg":"ES256"}),
+            serde_json::json!({"resource":"a"}),
+        );
+        let parts: Vec<&str> = token.split('.').collect();
+        let forged = format!(
+            "{}.{}.{}",
+            parts[0],
+            b64(&serde_json::json!({"resource":"b"})),
+            parts[2]
+        );
+        assert_eq!(
+            verify(&forged, &public(&k)).unwrap_err().code(),
+            "InvalidToken"
+        );
+    }
+
+    #[test]
+    fn resource_claim_is_required() {
+        let k = key();
+        for claims in [
+            serde_json::json!({}),
+            serde_json::json!({"resource":""}),
+            serde_json::json!({"resource":5}),
+        ] {
+            let token = es256(&k, serde_json::json!({"alg":"ES256"}), claims);
+            assert_eq!(
+                verify(&token, &public(&k)).unwrap_err().code(),
+                "InvalidToken"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_tokens_are_refused() {
+        for token in ["", "a", "a.b", "a.b.c.d", "!!.??.**", "e30.e30.e30"] {
+            assert_eq!(
+                verify(token, &public(&key())).unwrap_err().code(),
+                "InvalidToken",
+                "{token}"
+            );
+        }
+    }
+
+    #[test]
+    fn exp_and_nbf_are_enforced_with_skew() {
+        let claims = Claims {
+            resource: "r".into(),
+            tid: None,
+            exp: Some(1000.0),
+            nbf: Some(900.0),
+        };
+        assert!(claims.check_time(950, 0).is_ok());
+        assert!(claims.check_time(1030, 60).is_ok());
+        assert_eq!(
+            claims.check_time(1100, 60).unwrap_err().code(),
+            "TokenExpired"
+        );
+        assert_eq!(
+            claims.check_time(800, 60).unwrap_err().code(),
+            "TokenNotYetValid"
+        );
+    }
+
+    #[test]
+    fn bearer_scheme_and_size_are_checked() {
+        assert_eq!(bearer_token("Bearer abc", 10).unwrap(), "abc");
+        assert_eq!(bearer_token("bearer abc", 10).unwrap(), "abc");
+        assert_eq!(
+            bearer_token("Basic abc", 10).unwrap_err().code(),
+            "InvalidAuthorizationHeader"
+        );
+        assert_eq!(
+            bearer_token("Bearer", 10).unwrap_err().code(),
+            "InvalidAuthorizationHeader"
+        );
+        assert_eq!(
+            bearer_token("Bearer ", 10).unwrap_err().code(),
+            "InvalidAuthorizationHeader"
+        );
+        assert_eq!(
+            bearer_token("Bearer 12345678901", 10).unwrap_err().code(),
+            "TokenTooLarge"
+        );
+    }
+
+    #[test]
+    fn resource_must_be_printable_and_bounded() {
+        assert!(check_resource("https://management.azure.com/").is_ok());
+        assert_eq!(check_resource("a b").unwrap_err().code(), "InvalidResource");
+        assert_eq!(
+            check_resource(&"a".repeat(600)).unwrap_err().code(),
+            "InvalidResource"
+        );
+    }
+}

@@ -1,0 +1,292 @@
+//! Teleport's `azure_identities` RBAC, re-checked on every request.
+//!
+//! Semantics follow Teleport's `lib/services/role.go`: full ARM resource IDs compared
+//! case-insensitively; `*` is refused in `allow` and means "every identity" in `deny`; deny wins;
+//! unknown role names grant nothing. On top of the roles, the selected identity must be one of the
+//! identities the certificate itself lists (OID 1.3.9999.1.17), because that list is what the
+//! issuer computed when it minted the certificate.
+
+use std::collections::HashMap;
+
+use crate::error::Refusal;
+
+/// A managed identity's ARM resource ID, validated and kept in its original spelling, with a
+/// lower-cased copy for comparisons.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityId {
+    original: String,
+    folded: String,
+}
+
+impl IdentityId {
+    /// Parses `/subscriptions/<id>/resourceGroups/<rg>/providers/Microsoft.ManagedIdentity/userAssignedIdentities/<name>`,
+    /// case-insensitively. Unlike Teleport's regexp, dots and parentheses are accepted in
+    /// names because Azure allows them.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        let segments: Vec<&str> = value.split('/').collect();
+        let shape_ok = segments.len() == 9
+            && segments[0].is_empty()
+            && segments[1].eq_ignore_ascii_case("subscriptions")
+            && segments[3].eq_ignore_ascii_case("resourceGroups")
+            && segments[5].eq_ignore_ascii_case("providers")
+            && segments[6].eq_ignore_ascii_case("Microsoft.ManagedIdentity")
+            && segments[7].eq_ignore_ascii_case("userAssignedIdentities");
+        if !shape_ok {
+            return Err(format!(
+                "{value:?} is not a managed identity resource ID \
+                 (/subscriptions/<id>/resourceGroups/<group>/providers/Microsoft.ManagedIdentity/userAssignedIdentities/<name>)"
+            ));
+        }
+        let subscription = segments[2];
+        if subscription.is_empty()
+            || !subscription
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() || c == '-')
+        {
+            return Err(format!(
+                "{value:?}: subscription id must be hex digits and dashes"
+            ));
+        }
+        let name_ok = |s: &str, max: usize| {
+            !s.is_empty()
+                && s.len() <= max
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '(' | ')'))
+        };
+        if !name_ok(segments[4], 90) {
+            return Err(format!("{value:?}: invalid resource group name"));
+        }
+        if !name_ok(segments[8], 128) {
+            return Err(format!("{value:?}: invalid identity name"));
+        }
+        Ok(Self {
+            original: value.to_string(),
+            folded: value.to_ascii_lowercase(),
+        })
+    }
+
+    /// The ID as written.
+    pub fn as_str(&self) -> &str {
+        &self.original
+    }
+
+    /// The lower-cased ID used for comparisons and cache keys.
+    pub fn folded(&self) -> &str {
+        &self.folded
+    }
+
+    /// The identity's name, the last path segment.
+    pub fn name(&self) -> &str {
+        self.original.rsplit('/').next().unwrap_or_default()
+    }
+}
+
+/// One role's `azure_identities` rules, already validated.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoleRules {
+    /// Folded IDs this role allows.
+    pub allow: Vec<String>,
+    /// Folded IDs this role denies.
+    pub deny: Vec<String>,
+    /// `deny` contained `*`.
+    pub deny_all: bool,
+}
+
+/// The roles the configuration defines, by role name (case-sensitive, as in Teleport).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoleSet {
+    roles: HashMap<String, RoleRules>,
+}
+
+impl RoleSet {
+    /// Adds a role; returns false if the name was already defined.
+    pub fn insert(&mut self, name: String, rules: RoleRules) -> bool {
+        self.roles.insert(name, rules).is_none()
+    }
+
+    /// Number of roles defined.
+    pub fn len(&self) -> usize {
+        self.roles.len()
+    }
+
+    /// True if no role is defined.
+    pub fn is_empty(&self) -> bool {
+        self.roles.is_empty()
+    }
+
+    /// Decides whether a user holding `user_roles` may use `selected`, given the identities the
+    /// certificate lists as allowed.
+    pub fn check(
+        &self,
+        user_roles: &[String],
+        selected: &IdentityId,
+        cert_allowed: &[String],
+    ) -> Result<(), Refusal> {
+        let wanted = selected.folded();
+        let known: Vec<&RoleRules> = user_roles
+            .iter()
+            .filter_map(|name| self.roles.get(name))
+            .collect();
+        if let Some(denier) = user_roles.iter().find(|name| {
+            self.roles
+                .get(*name)
+                .is_some_and(|r| r.deny_all || r.deny.iter().any(|d| d == wanted))
+        }) {
+            return Err(Refusal::IdentityNotAllowed(format!(
+                "Azure identity {:?} is denied by role {denier:?}",
+                selected.name()
+            )));
+        }
+        if !known.iter().any(|r| r.allow.iter().any(|a| a == wanted)) {
+            return Err(Refusal::IdentityNotAllowed(format!(
+                "none of the roles [{}] allows Azure identity {:?}",
+                user_roles.join(", "),
+                selected.name()
+            )));
+        }
+        if !cert_allowed.iter().any(|a| a.eq_ignore_ascii_case(wanted)) {
+            return Err(Refusal::IdentityNotInCertificate(format!(
+                "Azure identity {:?} is not among the identities this certificate was issued for",
+                selected.name()
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const READER: &str = "/subscriptions/0000-1111/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/reader";
+    const ADMIN: &str = "/subscriptions/0000-1111/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/admin";
+
+    fn roles() -> RoleSet {
+        let mut set = RoleSet::default();
+        set.insert(
+            "azure-reader".into(),
+            RoleRules {
+                allow: vec![READER.to_ascii_lowercase()],
+                ..Default::default()
+            },
+        );
+        set.insert(
+            "azure-admin".into(),
+            RoleRules {
+                allow: vec![ADMIN.to_ascii_lowercase(), READER.to_ascii_lowercase()],
+                ..Default::default()
+            },
+        );
+        set.insert(
+            "no-admin".into(),
+            RoleRules {
+                deny: vec![ADMIN.to_ascii_lowercase()],
+                ..Default::default()
+            },
+        );
+        set.insert(
+            "lockdown".into(),
+            RoleRules {
+                deny_all: true,
+                ..Default::default()
+            },
+        );
+        set
+    }
+
+    fn id(s: &str) -> IdentityId {
+        IdentityId::parse(s).unwrap()
+    }
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn allowed_identity_in_certificate_passes() {
+        roles()
+            .check(&names(&["azure-reader"]), &id(READER), &names(&[READER]))
+            .unwrap();
+    }
+
+    #[test]
+    fn comparison_ignores_case_everywhere() {
+        let upper = READER
+            .to_ascii_uppercase()
+            .replace("/SUBSCRIPTIONS", "/subscriptions");
+        roles()
+            .check(
+                &names(&["azure-reader"]),
+                &id(&upper),
+                &names(&[&READER.to_ascii_lowercase()]),
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn deny_wins_over_allow() {
+        let err = roles()
+            .check(
+                &names(&["azure-admin", "no-admin"]),
+                &id(ADMIN),
+                &names(&[ADMIN]),
+            )
+            .unwrap_err();
+        assert_eq!(err.code(), "IdentityNotAllowed");
+        assert!(err.message().contains("no-admin"));
+    }
+
+    #[test]
+    fn wildcard_deny_denies_everything() {
+        let err = roles()
+            .check(
+                &names(&["azure-reader", "lockdown"]),
+                &id(READER),
+                &names(&[READER]),
+            )
+            .unwrap_err();
+        assert_eq!(err.code(), "IdentityNotAllowed");
+    }
+
+    #[test]
+    fn unknown_roles_grant_nothing() {
+        let err = roles()
+            .check(&names(&["ghost"]), &id(READER), &names(&[READER]))
+            .unwrap_err();
+        assert_eq!(err.code(), "IdentityNotAllowed");
+    }
+
+    #[test]
+    fn role_must_allow_the_selected_identity() {
+        let err = roles()
+            .check(&names(&["azure-reader"]), &id(ADMIN), &names(&[ADMIN]))
+            .unwrap_err();
+        assert_eq!(err.code(), "IdentityNotAllowed");
+    }
+
+    #[test]
+    fn selected_identity_must_be_listed_in_the_certificate() {
+        let err = roles()
+            .check(&names(&["azure-admin"]), &id(ADMIN), &names(&[READER]))
+            .unwrap_err();
+        assert_eq!(err.code(), "IdentityNotInCertificate");
+    }
+
+    #[test]
+    fn identity_ids_are_validated() {
+        assert!(IdentityId::parse(READER).is_ok());
+        assert!(IdentityId::parse("/subscriptions/0/resourceGroups/rg.x/providers/Microsoft.ManagedIdentity/userAssignedIdentities/a_b(1)").is_ok());
+        for bad in [
+            "",
+            "*",
+            "reader",
+            "/subscriptions/zz/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/x",
+            "/subscriptions/00/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/x",
+            "/subscriptions/00/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/",
+            "/subscriptions/00/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/a/b",
+            "/subscriptions/00/resourceGroups/r g/providers/Microsoft.ManagedIdentity/userAssignedIdentities/x",
+        ] {
+            assert!(IdentityId::parse(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+}
