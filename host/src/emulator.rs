@@ -1,0 +1,948 @@
+//! An in-process emulator of the Azure managed-identity endpoints, for tests and demos.
+//!
+//! One [`Emulator`] serves, on one loopback port:
+//!
+//! | path | protocol |
+//! |---|---|
+//! | `GET /metadata/identity/oauth2/token` | IMDS (VM/VMSS): `Metadata: true` required, `X-Forwarded-For` refused, `api-version` required, duplicate query parameters refused, selectors `client_id` / `object_id` / `msi_res_id` (at most one); every number in the answer is a JSON string, as real IMDS sends it |
+//! | `GET /metadata/identity/info` | IMDS `{"tenantId": …}` |
+//! | `GET /msi/token` | App Service / Functions 2019-08-01 (`IDENTITY_ENDPOINT=http://ADDR/msi/token`, `X-IDENTITY-HEADER` must equal [`Emulator::identity_header`]); selectors `client_id`, `object_id`/`principal_id`, `mi_res_id`; answers `expires_on` as an epoch string and no `expires_in` |
+//! | `POST /{tenant}/oauth2/v2.0/token` | Entra ID client-credentials grant (`client_secret`, or `client_assertion` as sent by workload identity and certificate credentials), so those sources can be tested without the internet |
+//! | `/emulator/*` | the admin API described below |
+//!
+//! Access tokens are JWT-shaped (`header.payload.signature`, base64url JSON, signature not
+//! verifiable) with the claims a real managed-identity token carries and that azgate or its
+//! clients read: `aud` (the requested resource), `iss`, `iat`, `nbf`, `exp`, `tid`, `oid`,
+//! `sub`, `appid`, `xms_mirid` (the ARM id of the identity), and a unique `uti`.
+//!
+//! # Identities
+//!
+//! Every selector is accepted and names a deterministic identity: a `msi_res_id` becomes the
+//! token's `xms_mirid`; a `client_id` or `object_id` is mapped to a user-assigned identity named
+//! after it; no selector means the VM's system-assigned identity ([`SYSTEM_ASSIGNED_RESOURCE_ID`]).
+//!
+//! # Faults
+//!
+//! [`Emulator::set_fault`] sets the behaviour of every later token request (all three token
+//! endpoints); [`Emulator::push_faults`] queues one-shot faults that the next requests take in
+//! order before the standing fault applies again. The admin API does the same over HTTP, for
+//! `azgate imds-emulator`:
+//!
+//! ```text
+//! curl -X POST http://ADDR/emulator/fault -d '{"fault":"status","status":429,"retry_after":7}'
+//! curl -X POST http://ADDR/emulator/fault -d '{"fault":"none"}'
+//! curl -X POST http://ADDR/emulator/faults -d '[{"fault":"status","status":500},{"fault":"hang"}]'
+//! curl -X POST http://ADDR/emulator/token-lifetime -d '{"seconds":600}'
+//! curl http://ADDR/emulator/stats      # {"token_requests":3}
+//! curl http://ADDR/emulator/requests   # every request received, in order
+//! ```
+//!
+//! Fault JSON: `{"fault":"none"}`, `{"fault":"status","status":N[,"retry_after":S]}`,
+//! `{"fault":"hang"}`, `{"fault":"slow","millis":N}`, `{"fault":"malformed_json"}`,
+//! `{"fault":"date_string_expiry"}`, `{"fault":"opaque_token"}`.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::civil_time::format_us_date;
+use crate::http_server::{self, json_response};
+
+/// The tenant every emulated token belongs to.
+pub const TENANT_ID: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+/// The subscription the emulated identities live in.
+pub const SUBSCRIPTION_ID: &str = "00000000-0000-0000-0000-00000000a2a7";
+/// `xms_mirid` of tokens issued for the system-assigned identity (no selector).
+pub const SYSTEM_ASSIGNED_RESOURCE_ID: &str = "/subscriptions/00000000-0000-0000-0000-00000000a2a7/resourcegroups/azgate-emulator/providers/Microsoft.Compute/virtualMachines/emulator-vm";
+/// The `X-IDENTITY-HEADER` value the App Service endpoint expects unless changed.
+pub const DEFAULT_IDENTITY_HEADER: &str = "azgate-emulator-identity-header";
+/// IMDS paths.
+pub const IMDS_TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
+/// App Service path; `IDENTITY_ENDPOINT` is `http://ADDR` followed by this.
+pub const APP_SERVICE_TOKEN_PATH: &str = "/msi/token";
+
+/// The api-versions IMDS accepts on the identity endpoint (its service-wide list).
+const IMDS_API_VERSIONS: &[&str] = &[
+    "2017-03-01",
+    "2017-04-02",
+    "2017-08-01",
+    "2017-10-01",
+    "2017-12-01",
+    "2018-02-01",
+    "2018-04-02",
+    "2018-10-01",
+    "2019-02-01",
+    "2019-03-11",
+    "2019-04-30",
+    "2019-06-01",
+    "2019-06-04",
+    "2019-08-01",
+    "2019-08-15",
+    "2019-11-01",
+    "2020-06-01",
+    "2020-07-15",
+    "2020-09-01",
+    "2020-10-01",
+    "2020-12-01",
+    "2021-01-01",
+    "2021-02-01",
+    "2021-03-01",
+    "2021-05-01",
+    "2021-08-01",
+    "2021-10-01",
+    "2021-11-01",
+    "2021-11-15",
+    "2021-12-13",
+    "2022-02-22",
+    "2022-03-01",
+    "2022-07-15",
+    "2022-08-01",
+    "2023-07-01",
+    "2023-11-15",
+    "2024-03-15",
+    "2024-07-17",
+    "2025-04-07",
+];
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(86_400);
+/// `Retry-After` sent with `Fault::Status(429)`: MSAL's default throttle window.
+const DEFAULT_RETRY_AFTER_SECONDS: u64 = 5;
+
+/// How the emulator answers token requests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fault {
+    /// Issue tokens normally.
+    None,
+    /// Answer with this status and the IMDS error body for it; a 429 carries
+    /// `Retry-After: 5`.
+    Status(u16),
+    /// Answer with this status, its IMDS error body and `Retry-After: <seconds>`.
+    StatusRetryAfter(u16, u64),
+    /// Never answer (the connection stays open until the client gives up or the emulator stops).
+    Hang,
+    /// Wait this long, then answer normally.
+    Slow(Duration),
+    /// Answer 200 with a truncated JSON body.
+    MalformedJson,
+    /// Answer normally but put `expires_on` as an App-Service-on-Linux date string
+    /// (`"11/25/2026 14:37:29 +00:00"`) instead of epoch seconds.
+    DateStringExpiry,
+    /// Answer normally but with an access token that is not a JWT.
+    OpaqueToken,
+}
+
+/// One request the emulator received.
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    /// `GET`, `POST`, …
+    pub method: String,
+    /// Path and query exactly as received.
+    pub path_and_query: String,
+    /// Header names lower-cased, in the order received.
+    pub headers: Vec<(String, String)>,
+    /// The body, lossily decoded as UTF-8 (form posts to the authority endpoint).
+    pub body: String,
+    /// When it arrived, on tokio's clock (so paused-clock tests can measure gaps).
+    pub received_at: tokio::time::Instant,
+}
+
+impl RecordedRequest {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// The first value of query parameter `name`, percent-decoded.
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        let (_, query) = self.path_and_query.split_once('?')?;
+        form_urlencoded::parse(query.as_bytes())
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.into_owned())
+    }
+
+    /// The path without the query.
+    pub fn path(&self) -> &str {
+        self.path_and_query.split('?').next().unwrap_or_default()
+    }
+}
+
+/// A running emulator. Clones share state; serving stops when the last clone is dropped or
+/// [`Emulator::shutdown`] is called.
+#[derive(Clone, Debug)]
+pub struct Emulator {
+    state: Arc<State>,
+    stop: Arc<watch::Sender<bool>>,
+    local_addr: SocketAddr,
+}
+
+#[derive(Debug)]
+struct State {
+    token_requests: AtomicU64,
+    issued_tokens: AtomicU64,
+    control: Mutex<Control>,
+    stop: watch::Receiver<bool>,
+}
+
+#[derive(Debug)]
+struct Control {
+    fault: Fault,
+    queued_faults: VecDeque<Fault>,
+    token_lifetime: Duration,
+    identity_header: String,
+    requests: Vec<RecordedRequest>,
+}
+
+/// Which endpoint a token request came in on; it decides the request checks and the response
+/// shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Endpoint {
+    Imds,
+    AppService,
+    Authority,
+}
+
+/// The identity a token is issued for.
+struct Identity {
+    client_id: String,
+    object_id: String,
+    resource_id: String,
+}
+
+// === impl Emulator ===
+
+impl Emulator {
+    /// Binds `addr` (e.g. `127.0.0.1:0`) and serves on the current tokio runtime.
+    pub async fn start(addr: SocketAddr) -> std::io::Result<Emulator> {
+        let listener = TcpListener::bind(addr).await?;
+        let local_addr = listener.local_addr()?;
+        let emulator = Self::unbound(local_addr);
+        let handler = Arc::new(EmulatorHandler(Arc::clone(&emulator.state)));
+        tokio::spawn(http_server::serve(
+            listener,
+            handler,
+            emulator.stop.subscribe(),
+        ));
+        Ok(emulator)
+    }
+
+    /// An emulator that listens nowhere; drive it with [`Emulator::handle`] (in-memory tests).
+    pub fn in_memory() -> Emulator {
+        Self::unbound(SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    fn unbound(local_addr: SocketAddr) -> Emulator {
+        let (stop, stop_receiver) = watch::channel(false);
+        Emulator {
+            state: Arc::new(State {
+                token_requests: AtomicU64::new(0),
+                issued_tokens: AtomicU64::new(0),
+                control: Mutex::new(Control {
+                    fault: Fault::None,
+                    queued_faults: VecDeque::new(),
+                    token_lifetime: DEFAULT_TOKEN_LIFETIME,
+                    identity_header: DEFAULT_IDENTITY_HEADER.to_owned(),
+                    requests: Vec::new(),
+                }),
+                stop: stop_receiver,
+            }),
+            stop: Arc::new(stop),
+            local_addr,
+        }
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// `http://ADDR`, the value for `AZURE_POD_IDENTITY_AUTHORITY_HOST` or an authority host.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.local_addr)
+    }
+
+    /// The full IMDS token URL.
+    pub fn imds_token_url(&self) -> String {
+        format!("{}{IMDS_TOKEN_PATH}", self.base_url())
+    }
+
+    /// The App Service `IDENTITY_ENDPOINT` value.
+    pub fn identity_endpoint(&self) -> String {
+        format!("{}{APP_SERVICE_TOKEN_PATH}", self.base_url())
+    }
+
+    /// Token requests received on any token path (IMDS, App Service, authority), whatever the
+    /// outcome, including faults and protocol errors.
+    pub fn token_requests(&self) -> u64 {
+        self.state.token_requests.load(Ordering::SeqCst)
+    }
+
+    /// Tokens actually issued (successful token responses).
+    pub fn issued_tokens(&self) -> u64 {
+        self.state.issued_tokens.load(Ordering::SeqCst)
+    }
+
+    /// Every request received (token paths and others, not the admin API), in order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.state.control().requests.clone()
+    }
+
+    /// Sets the behaviour for subsequent token requests (after any queued one-shot faults).
+    pub fn set_fault(&self, fault: Fault) {
+        self.state.control().fault = fault;
+    }
+
+    /// Queues one-shot faults: the next token requests take these in order, then the fault
+    /// from [`Emulator::set_fault`] applies again.
+    pub fn push_faults(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.state.control().queued_faults.extend(faults);
+    }
+
+    /// Lifetime of issued tokens (default 24 h: `expires_in` ≈ 86399).
+    pub fn set_token_lifetime(&self, lifetime: Duration) {
+        self.state.control().token_lifetime = lifetime;
+    }
+
+    /// The `X-IDENTITY-HEADER` value the App Service endpoint requires.
+    pub fn identity_header(&self) -> String {
+        self.state.control().identity_header.clone()
+    }
+
+    /// Changes the `X-IDENTITY-HEADER` value (App Service rotates it).
+    pub fn set_identity_header(&self, value: &str) {
+        value.clone_into(&mut self.state.control().identity_header);
+    }
+
+    /// Stops serving; connections in progress (including hanging ones) are closed.
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Answers one request without a socket, exactly as the HTTP server would.
+    pub async fn handle(&self, request: Request<Bytes>) -> Response<Bytes> {
+        self.state.handle(request).await
+    }
+}
+
+struct EmulatorHandler(Arc<State>);
+
+impl http_server::Handler for EmulatorHandler {
+    async fn handle(&self, _peer: SocketAddr, request: Request<Bytes>) -> Response<Bytes> {
+        self.0.handle(request).await
+    }
+}
+
+// === impl State ===
+
+impl State {
+    fn control(&self) -> MutexGuard<'_, Control> {
+        // A panic while holding this lock leaves only counters and recordings behind, which
+        // stay meaningful, so a poisoned lock is used as is.
+        self.control
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    async fn handle(&self, request: Request<Bytes>) -> Response<Bytes> {
+        let path = request.uri().path().to_owned();
+        if let Some(admin) = path.strip_prefix("/emulator/") {
+            return self.admin(admin, &request);
+        }
+        self.record(&request);
+        let endpoint = if path.eq_ignore_ascii_case(IMDS_TOKEN_PATH) {
+            Endpoint::Imds
+        } else if path.eq_ignore_ascii_case(APP_SERVICE_TOKEN_PATH) {
+            Endpoint::AppService
+        } else if path.ends_with("/oauth2/v2.0/token") {
+            Endpoint::Authority
+        } else if path == "/metadata/identity/info" {
+            return self.identity_info(&request);
+        } else {
+            return imds_error(StatusCode::NOT_FOUND, "not_found", "Path not found");
+        };
+        self.token_requests.fetch_add(1, Ordering::SeqCst);
+
+        let fault = {
+            let mut control = self.control();
+            control
+                .queued_faults
+                .pop_front()
+                .unwrap_or_else(|| control.fault.clone())
+        };
+        match fault {
+            Fault::Hang => {
+                let mut stop = self.stop.clone();
+                http_server::stopped(&mut stop).await;
+                return imds_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "service_unavailable",
+                    "emulator stopped",
+                );
+            }
+            Fault::Slow(delay) => tokio::time::sleep(delay).await,
+            _ => {}
+        }
+
+        let checked = match endpoint {
+            Endpoint::Imds => check_imds_request(&request),
+            Endpoint::AppService => self.check_app_service_request(&request),
+            Endpoint::Authority => check_authority_request(&request),
+        };
+        let (identity, resource) = match checked {
+            Ok(checked) => checked,
+            Err(response) => return response,
+        };
+
+        match fault {
+            Fault::Status(status) => status_fault(status, None),
+            Fault::StatusRetryAfter(status, seconds) => status_fault(status, Some(seconds)),
+            Fault::MalformedJson => {
+                json_response(StatusCode::OK, r#"{"access_token":"eyJ0eXAiOiJKV1Qi"#)
+            }
+            fault => self.issue(endpoint, &identity, &resource, &fault),
+        }
+    }
+
+    fn record(&self, request: &Request<Bytes>) {
+        let recorded = RecordedRequest {
+            method: request.method().to_string(),
+            path_and_query: request
+                .uri()
+                .path_and_query()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            headers: request
+                .headers()
+                .iter()
+                .map(|(name, value)| {
+                    (
+                        name.as_str().to_owned(),
+                        String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body: String::from_utf8_lossy(request.body()).into_owned(),
+            received_at: tokio::time::Instant::now(),
+        };
+        self.control().requests.push(recorded);
+    }
+
+    fn check_app_service_request(
+        &self,
+        request: &Request<Bytes>,
+    ) -> Result<(Identity, String), Response<Bytes>> {
+        if request.method() != Method::GET {
+            return Err(app_service_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "Only GET is supported",
+            ));
+        }
+        let expected = self.control().identity_header.clone();
+        let presented = request
+            .headers()
+            .get("x-identity-header")
+            .map(|value| value.as_bytes());
+        if presented != Some(expected.as_bytes()) {
+            return Err(app_service_error(
+                StatusCode::UNAUTHORIZED,
+                "X-IDENTITY-HEADER is missing or invalid",
+            ));
+        }
+        let query = parse_query(request).map_err(|name| {
+            app_service_error(
+                StatusCode::BAD_REQUEST,
+                &format!("duplicate query parameter {name}"),
+            )
+        })?;
+        if query.first("api-version") != Some("2019-08-01") {
+            return Err(app_service_error(
+                StatusCode::BAD_REQUEST,
+                "api-version must be 2019-08-01",
+            ));
+        }
+        let Some(resource) = query.first("resource").filter(|r| !r.is_empty()) else {
+            return Err(app_service_error(
+                StatusCode::BAD_REQUEST,
+                "resource is required",
+            ));
+        };
+        let selectors = [
+            ("client_id", query.first("client_id")),
+            (
+                "object_id",
+                query.first("object_id").or(query.first("principal_id")),
+            ),
+            ("msi_res_id", query.first("mi_res_id")),
+        ];
+        let identity = select_identity(&selectors)
+            .map_err(|message| app_service_error(StatusCode::BAD_REQUEST, message))?;
+        Ok((identity, resource.to_owned()))
+    }
+
+    fn identity_info(&self, request: &Request<Bytes>) -> Response<Bytes> {
+        if let Err(response) = check_imds_headers(request) {
+            return response;
+        }
+        json_response(StatusCode::OK, json!({ "tenantId": TENANT_ID }).to_string())
+    }
+
+    fn issue(
+        &self,
+        endpoint: Endpoint,
+        identity: &Identity,
+        resource: &str,
+        fault: &Fault,
+    ) -> Response<Bytes> {
+        let serial = self.issued_tokens.fetch_add(1, Ordering::SeqCst) + 1;
+        let lifetime = self.control().token_lifetime.as_secs();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        let expires_on = now + lifetime;
+        let access_token = if *fault == Fault::OpaqueToken {
+            format!("opaque-emulator-token-{serial}")
+        } else {
+            jwt(identity, resource, now, expires_on, serial)
+        };
+        let expires_on_text = if *fault == Fault::DateStringExpiry {
+            format_us_date(i64::try_from(expires_on).unwrap_or(i64::MAX))
+        } else {
+            expires_on.to_string()
+        };
+        let body = match endpoint {
+            // IMDS sends every number as a JSON string.
+            Endpoint::Imds => {
+                let mut body = json!({
+                    "access_token": access_token,
+                    "refresh_token": "",
+                    "expires_in": lifetime.to_string(),
+                    "expires_on": expires_on_text,
+                    "ext_expires_in": lifetime.to_string(),
+                    "not_before": now.to_string(),
+                    "resource": resource,
+                    "token_type": "Bearer",
+                    "client_id": identity.client_id,
+                });
+                if let Some(object) = body.as_object_mut() {
+                    object.insert("object_id".into(), identity.object_id.clone().into());
+                    object.insert("msi_res_id".into(), identity.resource_id.clone().into());
+                }
+                body
+            }
+            // App Service 2019-08-01: no expires_in, epoch string expires_on.
+            Endpoint::AppService => json!({
+                "access_token": access_token,
+                "expires_on": expires_on_text,
+                "resource": resource,
+                "token_type": "Bearer",
+                "client_id": identity.client_id,
+            }),
+            // Entra v2 sends numbers as numbers and no expires_on.
+            Endpoint::Authority => json!({
+                "token_type": "Bearer",
+                "expires_in": lifetime,
+                "ext_expires_in": lifetime,
+                "access_token": access_token,
+            }),
+        };
+        json_response(StatusCode::OK, body.to_string())
+    }
+
+    fn admin(&self, command: &str, request: &Request<Bytes>) -> Response<Bytes> {
+        let result = match (request.method().clone(), command) {
+            (Method::GET, "stats") => Ok(json!({
+                "token_requests": self.token_requests.load(Ordering::SeqCst),
+                "issued_tokens": self.issued_tokens.load(Ordering::SeqCst),
+            })),
+            (Method::GET, "requests") => {
+                let requests = self.control().requests.clone();
+                Ok(Value::Array(
+                    requests
+                        .iter()
+                        .map(|r| json!({"method": r.method, "path_and_query": r.path_and_query, "headers": r.headers}))
+                        .collect(),
+                ))
+            }
+            (Method::POST, "fault") => serde_json::from_slice::<FaultSpec>(request.body())
+                .map_err(|error| error.to_string())
+                .and_then(Fault::try_from)
+                .map(|fault| {
+                    self.control().fault = fault;
+                    json!({"ok": true})
+                }),
+            (Method::POST, "faults") => serde_json::from_slice::<Vec<FaultSpec>>(request.body())
+                .map_err(|error| error.to_string())
+                .and_then(|specs| {
+                    specs
+                        .into_iter()
+                        .map(Fault::try_from)
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .map(|faults| {
+                    self.control().queued_faults.extend(faults);
+                    json!({"ok": true})
+                }),
+            (Method::POST, "token-lifetime") => {
+                #[derive(Deserialize)]
+                struct Lifetime {
+                    seconds: u64,
+                }
+                serde_json::from_slice::<Lifetime>(request.body())
+                    .map_err(|error| error.to_string())
+                    .map(|lifetime| {
+                        self.control().token_lifetime = Duration::from_secs(lifetime.seconds);
+                        json!({"ok": true})
+                    })
+            }
+            (Method::POST, "reset") => {
+                let mut control = self.control();
+                control.fault = Fault::None;
+                control.queued_faults.clear();
+                control.requests.clear();
+                control.token_lifetime = DEFAULT_TOKEN_LIFETIME;
+                Ok(json!({"ok": true}))
+            }
+            _ => {
+                return imds_error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "unknown emulator admin path",
+                );
+            }
+        };
+        match result {
+            Ok(body) => json_response(StatusCode::OK, body.to_string()),
+            Err(message) => imds_error(StatusCode::BAD_REQUEST, "invalid_request", &message),
+        }
+    }
+}
+
+/// The admin API's JSON form of a [`Fault`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultSpec {
+    fault: String,
+    status: Option<u16>,
+    retry_after: Option<u64>,
+    millis: Option<u64>,
+}
+
+impl TryFrom<FaultSpec> for Fault {
+    type Error = String;
+
+    fn try_from(spec: FaultSpec) -> Result<Fault, String> {
+        Ok(match (spec.fault.as_str(), spec.status, spec.retry_after) {
+            ("none", ..) => Fault::None,
+            ("status", Some(status), None) => Fault::Status(status),
+            ("status", Some(status), Some(seconds)) => Fault::StatusRetryAfter(status, seconds),
+            ("status", None, _) => return Err("\"status\" fault needs a \"status\" code".into()),
+            ("hang", ..) => Fault::Hang,
+            ("slow", ..) => Fault::Slow(Duration::from_millis(spec.millis.unwrap_or(1000))),
+            ("malformed_json", ..) => Fault::MalformedJson,
+            ("date_string_expiry", ..) => Fault::DateStringExpiry,
+            ("opaque_token", ..) => Fault::OpaqueToken,
+            (other, ..) => return Err(format!("unknown fault {other:?}")),
+        })
+    }
+}
+
+/// Query parameters in order, with duplicates detected.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn first(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// Parses the query; `Err(name)` names a parameter given twice.
+fn parse_query(request: &Request<Bytes>) -> Result<Query, String> {
+    let pairs: Vec<(String, String)> =
+        form_urlencoded::parse(request.uri().query().unwrap_or_default().as_bytes())
+            .map(|(key, value)| (key.into_owned(), value.into_owned()))
+            .collect();
+    for (index, (key, _)) in pairs.iter().enumerate() {
+        if pairs[..index].iter().any(|(earlier, _)| earlier == key) {
+            return Err(key.clone());
+        }
+    }
+    Ok(Query(pairs))
+}
+
+/// The header checks IMDS applies to every request.
+fn check_imds_headers(request: &Request<Bytes>) -> Result<(), Response<Bytes>> {
+    if request.method() != Method::GET {
+        return Err(imds_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "Only GET is supported",
+        ));
+    }
+    if request.headers().contains_key("x-forwarded-for") {
+        return Err(imds_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "Requests with an X-Forwarded-For header are not allowed",
+        ));
+    }
+    if request
+        .headers()
+        .get("metadata")
+        .map(|value| value.as_bytes())
+        != Some(b"true")
+    {
+        return Err(imds_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request_102",
+            "Required metadata header not specified",
+        ));
+    }
+    let query = parse_query(request).map_err(|name| {
+        imds_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("Duplicate query parameter {name}"),
+        )
+    })?;
+    if !query
+        .first("api-version")
+        .is_some_and(|version| IMDS_API_VERSIONS.contains(&version))
+    {
+        let body = json!({
+            "error": "Bad request. api-version is invalid or was not specified in the request. For more information refer to aka.ms/azureimds",
+            "newest-versions": ["2025-04-07", "2024-07-17", "2024-03-15"],
+        });
+        return Err(json_response(StatusCode::BAD_REQUEST, body.to_string()));
+    }
+    Ok(())
+}
+
+fn check_imds_request(request: &Request<Bytes>) -> Result<(Identity, String), Response<Bytes>> {
+    check_imds_headers(request)?;
+    // Already checked for duplicates above.
+    let query = parse_query(request)
+        .map_err(|_| imds_error(StatusCode::BAD_REQUEST, "bad_request", "bad query"))?;
+    let Some(resource) = query.first("resource").filter(|r| !r.is_empty()) else {
+        return Err(imds_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "Required query variable 'resource' is missing",
+        ));
+    };
+    let selectors = [
+        ("client_id", query.first("client_id")),
+        ("object_id", query.first("object_id")),
+        ("msi_res_id", query.first("msi_res_id")),
+    ];
+    let identity = select_identity(&selectors)
+        .map_err(|message| imds_error(StatusCode::BAD_REQUEST, "invalid_request", message))?;
+    Ok((identity, resource.to_owned()))
+}
+
+fn check_authority_request(
+    request: &Request<Bytes>,
+) -> Result<(Identity, String), Response<Bytes>> {
+    let entra_error = |code: &str, description: &str| {
+        json_response(
+            StatusCode::BAD_REQUEST,
+            json!({"error": code, "error_description": description, "error_codes": [900144]})
+                .to_string(),
+        )
+    };
+    if request.method() != Method::POST {
+        return Err(entra_error(
+            "invalid_request",
+            "AADSTS900561: The endpoint only accepts POST requests.",
+        ));
+    }
+    let form: Vec<(String, String)> = form_urlencoded::parse(request.body())
+        .map(|(key, value)| (key.into_owned(), value.into_owned()))
+        .collect();
+    let field = |name: &str| {
+        form.iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    };
+    if field("grant_type") != Some("client_credentials") {
+        return Err(entra_error(
+            "unsupported_grant_type",
+            "AADSTS70003: grant_type must be client_credentials",
+        ));
+    }
+    let Some(client_id) = field("client_id").filter(|id| !id.is_empty()) else {
+        return Err(entra_error(
+            "invalid_request",
+            "AADSTS900144: The request body must contain 'client_id'.",
+        ));
+    };
+    let has_secret = field("client_secret").is_some_and(|secret| !secret.is_empty());
+    let has_assertion = field("client_assertion_type")
+        == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+        && field("client_assertion").is_some_and(|assertion| assertion.split('.').count() == 3);
+    if !has_secret && !has_assertion {
+        return Err(entra_error(
+            "invalid_client",
+            "AADSTS7000216: 'client_assertion', 'client_secret' or 'request' is required",
+        ));
+    }
+    let Some(scope) = field("scope") else {
+        return Err(entra_error(
+            "invalid_request",
+            "AADSTS900144: The request body must contain 'scope'.",
+        ));
+    };
+    let resource = scope.strip_suffix("/.default").unwrap_or(scope).to_owned();
+    let identity = select_identity(&[("client_id", Some(client_id))])
+        .map_err(|message| entra_error("invalid_request", message))?;
+    Ok((identity, resource))
+}
+
+/// Maps the request's selector (at most one may be given) to an identity.
+fn select_identity(selectors: &[(&str, Option<&str>)]) -> Result<Identity, &'static str> {
+    let given: Vec<(&str, &str)> = selectors
+        .iter()
+        .filter_map(|(name, value)| value.map(|value| (*name, value)))
+        .collect();
+    let identity = match given.as_slice() {
+        [] => Identity {
+            client_id: derived_guid("client", SYSTEM_ASSIGNED_RESOURCE_ID),
+            object_id: derived_guid("object", SYSTEM_ASSIGNED_RESOURCE_ID),
+            resource_id: SYSTEM_ASSIGNED_RESOURCE_ID.to_owned(),
+        },
+        [("msi_res_id", resource_id)] => Identity {
+            client_id: derived_guid("client", resource_id),
+            object_id: derived_guid("object", resource_id),
+            resource_id: (*resource_id).to_owned(),
+        },
+        [(kind, id)] => {
+            let resource_id = format!(
+                "/subscriptions/{SUBSCRIPTION_ID}/resourcegroups/azgate-emulator/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{kind}-{id}"
+            );
+            Identity {
+                client_id: if *kind == "client_id" {
+                    (*id).to_owned()
+                } else {
+                    derived_guid("client", &resource_id)
+                },
+                object_id: if *kind == "object_id" {
+                    (*id).to_owned()
+                } else {
+                    derived_guid("object", &resource_id)
+                },
+                resource_id,
+            }
+        }
+        _ => return Err("Only one of client_id, object_id and msi_res_id may be specified"),
+    };
+    Ok(identity)
+}
+
+/// A stable GUID-shaped id derived from `seed` (FNV-1a; only needs to be deterministic).
+fn derived_guid(kind: &str, seed: &str) -> String {
+    let mut hash: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    for byte in kind.bytes().chain([0]).chain(seed.bytes()) {
+        hash ^= u128::from(byte);
+        hash = hash.wrapping_mul(0x0000_0000_0100_0000_0000_0000_0000_013b);
+    }
+    let hex = format!("{hash:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+fn jwt(
+    identity: &Identity,
+    resource: &str,
+    issued_at: u64,
+    expires_on: u64,
+    serial: u64,
+) -> String {
+    let header = json!({"typ": "JWT", "alg": "RS256", "kid": "azgate-emulator"});
+    let claims = json!({
+        "aud": resource,
+        "iss": format!("https://sts.windows.net/{TENANT_ID}/"),
+        "iat": issued_at,
+        "nbf": issued_at,
+        "exp": expires_on,
+        "aio": "azgate-emulator",
+        "appid": identity.client_id,
+        "appidacr": "2",
+        "idp": format!("https://sts.windows.net/{TENANT_ID}/"),
+        "oid": identity.object_id,
+        "sub": identity.object_id,
+        "tid": TENANT_ID,
+        "uti": format!("emulator-{serial}"),
+        "ver": "1.0",
+        "xms_mirid": identity.resource_id,
+    });
+    format!(
+        "{}.{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string()),
+        URL_SAFE_NO_PAD.encode(format!("azgate-emulator-signature-{serial}")),
+    )
+}
+
+fn status_fault(status: u16, retry_after: Option<u64>) -> Response<Bytes> {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let (code, description) = match status.as_u16() {
+        400 => ("invalid_request", "Identity not found"),
+        403 => ("forbidden", "Access denied"),
+        404 => ("not_found", "IMDS endpoint is updating"),
+        410 => ("service_unavailable", "IMDS is going through updates"),
+        429 => (
+            "invalid_request",
+            "Temporarily throttled, too many requests",
+        ),
+        500 => ("server_error", "Internal server error"),
+        503 => ("service_unavailable", "Service unavailable"),
+        _ => ("server_error", "Emulated failure"),
+    };
+    let mut response = imds_error(status, code, description);
+    let retry_after = retry_after
+        .or((status == StatusCode::TOO_MANY_REQUESTS).then_some(DEFAULT_RETRY_AFTER_SECONDS));
+    if let Some(seconds) = retry_after {
+        response
+            .headers_mut()
+            .insert(http::header::RETRY_AFTER, http::HeaderValue::from(seconds));
+    }
+    response
+}
+
+fn imds_error(status: StatusCode, code: &str, description: &str) -> Response<Bytes> {
+    json_response(
+        status,
+        json!({"error": code, "error_description": description}).to_string(),
+    )
+}
+
+fn app_service_error(status: StatusCode, message: &str) -> Response<Bytes> {
+    json_response(
+        status,
+        json!({"statusCode": status.as_u16(), "message": message}).to_string(),
+    )
+}
+
+#[cfg(test)]
+mod tests;
