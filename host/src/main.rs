@@ -1,9 +1,17 @@
 //! The `azgate` binary.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use azgate::token::{
+    ClientCertificate, HyperClient, ManagedIdentity, ProviderConfig, Secret, Source, TokenError,
+    TokenProvider, TokenService,
+};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 /// azgate: short-lived, role-checked Azure access.
@@ -24,6 +32,73 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
     },
+    /// Serve managed-identity tokens over the IMDS protocol
+    /// (`GET /metadata/identity/oauth2/token`, `Metadata: true`), cached with refresh-ahead and
+    /// single-flight; `/metrics` has Prometheus counters.
+    TokenService(TokenServiceArgs),
+}
+
+#[derive(Args, Debug)]
+struct TokenServiceArgs {
+    /// Address to listen on (loopback); port 0 picks a free port (the chosen address is printed).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Where tokens come from; `auto` detects it from the environment in the Azure SDKs' order.
+    #[arg(long, value_enum, default_value_t = SourceKind::Auto)]
+    source: SourceKind,
+    /// IMDS scheme and host.
+    #[arg(long, env = "AZURE_POD_IDENTITY_AUTHORITY_HOST")]
+    imds_endpoint: Option<String>,
+    /// App Service token URL.
+    #[arg(long, env = "IDENTITY_ENDPOINT")]
+    identity_endpoint: Option<String>,
+    /// App Service `X-IDENTITY-HEADER` value.
+    #[arg(long, env = "IDENTITY_HEADER", hide_env_values = true)]
+    identity_header: Option<String>,
+    /// Entra authority host for workload identity and service principals.
+    #[arg(long, env = "AZURE_AUTHORITY_HOST")]
+    authority_host: Option<String>,
+    /// Tenant of the workload identity or service principal.
+    #[arg(long, env = "AZURE_TENANT_ID")]
+    tenant_id: Option<String>,
+    /// Client id of the workload identity (default identity) or service principal.
+    #[arg(long, env = "AZURE_CLIENT_ID")]
+    client_id: Option<String>,
+    /// Service principal secret.
+    #[arg(long, env = "AZURE_CLIENT_SECRET", hide_env_values = true)]
+    client_secret: Option<String>,
+    /// PEM file with the service principal's RSA key and certificate.
+    #[arg(long, env = "AZURE_CLIENT_CERTIFICATE_PATH")]
+    client_certificate_path: Option<PathBuf>,
+    /// Projected service-account token of AKS workload identity.
+    #[arg(long, env = "AZURE_FEDERATED_TOKEN_FILE")]
+    federated_token_file: Option<PathBuf>,
+    /// Serve only these identities (repeatable): `system`, `client_id=ID`, `object_id=ID` or
+    /// `msi_res_id=ARM_ID`. Default: every identity.
+    #[arg(long = "allow-identity", value_name = "IDENTITY")]
+    allowed_identities: Vec<ManagedIdentity>,
+    /// Per-request deadline in milliseconds; the fetch continues after it.
+    #[arg(long, default_value_t = 5000)]
+    deadline_ms: u64,
+    /// Upstream requests in flight at once.
+    #[arg(long, default_value_t = 5)]
+    max_concurrent_requests: usize,
+    /// Upstream requests started per second.
+    #[arg(long, default_value_t = 20)]
+    max_requests_per_second: u32,
+    /// Cached (identity, resource) keys.
+    #[arg(long, default_value_t = 1024)]
+    max_entries: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum SourceKind {
+    Auto,
+    Imds,
+    AppService,
+    WorkloadIdentity,
+    ClientSecret,
+    ClientCertificate,
 }
 
 fn main() -> ExitCode {
@@ -32,6 +107,7 @@ fn main() -> ExitCode {
             EnvFilter::try_from_env("AZGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -64,7 +140,113 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             emulator.shutdown();
             Ok(())
         }
+        Command::TokenService(args) => {
+            let source = token_source(&args)?;
+            tracing::info!(source = source.kind(), "token source");
+            let config = ProviderConfig {
+                deadline: Duration::from_millis(args.deadline_ms),
+                max_concurrent_requests: args.max_concurrent_requests,
+                max_requests_per_second: args.max_requests_per_second,
+                max_entries: args.max_entries,
+                ..ProviderConfig::default()
+            };
+            let provider = TokenProvider::new(source, Arc::new(HyperClient::new()?), config);
+            let mut service = TokenService::new(provider);
+            if !args.allowed_identities.is_empty() {
+                service = service.with_allowed_identities(args.allowed_identities.clone());
+            }
+            let running = service.start(args.listen).await?;
+            println!("listening on {}", running.local_addr());
+            tracing::info!(addr = %running.local_addr(), "token service serving");
+            shutdown_signal().await;
+            running.shutdown();
+            Ok(())
+        }
     }
+}
+
+/// The configured source, or the detected one for `--source auto`. Flags fall back to the
+/// standard Azure environment variables (clap's `env`), so detection sees both.
+fn token_source(args: &TokenServiceArgs) -> Result<Source, TokenError> {
+    let path = |path: &Option<PathBuf>| path.as_ref().map(|path| path.display().to_string());
+    let values: HashMap<&str, Option<String>> = HashMap::from([
+        (
+            "AZURE_POD_IDENTITY_AUTHORITY_HOST",
+            args.imds_endpoint.clone(),
+        ),
+        ("IDENTITY_ENDPOINT", args.identity_endpoint.clone()),
+        ("IDENTITY_HEADER", args.identity_header.clone()),
+        ("AZURE_AUTHORITY_HOST", args.authority_host.clone()),
+        ("AZURE_TENANT_ID", args.tenant_id.clone()),
+        ("AZURE_CLIENT_ID", args.client_id.clone()),
+        ("AZURE_CLIENT_SECRET", args.client_secret.clone()),
+        (
+            "AZURE_CLIENT_CERTIFICATE_PATH",
+            path(&args.client_certificate_path),
+        ),
+        (
+            "AZURE_FEDERATED_TOKEN_FILE",
+            path(&args.federated_token_file),
+        ),
+    ]);
+    let lookup = |name: &str| {
+        values
+            .get(name)
+            .cloned()
+            .flatten()
+            .or_else(|| std::env::var(name).ok())
+    };
+    let required = |value: &Option<String>, flag: &str| {
+        value
+            .clone()
+            .ok_or_else(|| TokenError::Configuration(format!("--source needs {flag}")))
+    };
+    let authority_host = || {
+        args.authority_host
+            .clone()
+            .unwrap_or_else(|| azgate::token::DEFAULT_AUTHORITY_HOST.to_owned())
+    };
+    Ok(match args.source {
+        SourceKind::Auto => Source::detect(lookup)?,
+        SourceKind::Imds => Source::Imds {
+            endpoint: args
+                .imds_endpoint
+                .clone()
+                .unwrap_or_else(|| azgate::token::IMDS_ENDPOINT.to_owned()),
+        },
+        SourceKind::AppService => Source::AppService {
+            endpoint: required(&args.identity_endpoint, "--identity-endpoint")?,
+            header: Secret::new(required(&args.identity_header, "--identity-header")?),
+        },
+        SourceKind::WorkloadIdentity => Source::WorkloadIdentity {
+            authority_host: authority_host(),
+            tenant_id: required(&args.tenant_id, "--tenant-id")?,
+            client_id: required(&args.client_id, "--client-id")?,
+            token_file: args.federated_token_file.clone().ok_or_else(|| {
+                TokenError::Configuration("--source needs --federated-token-file".into())
+            })?,
+        },
+        SourceKind::ClientSecret => Source::ClientSecret {
+            authority_host: authority_host(),
+            tenant_id: required(&args.tenant_id, "--tenant-id")?,
+            client_id: required(&args.client_id, "--client-id")?,
+            secret: Secret::new(required(&args.client_secret, "--client-secret")?),
+        },
+        SourceKind::ClientCertificate => {
+            let path = required(
+                &path(&args.client_certificate_path),
+                "--client-certificate-path",
+            )?;
+            let pem = std::fs::read(&path)
+                .map_err(|error| TokenError::Configuration(format!("reading {path}: {error}")))?;
+            Source::ClientCertificate {
+                authority_host: authority_host(),
+                tenant_id: required(&args.tenant_id, "--tenant-id")?,
+                client_id: required(&args.client_id, "--client-id")?,
+                certificate: ClientCertificate::from_pem(&pem)?,
+            }
+        }
+    })
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -1,0 +1,34 @@
+//! Managed-identity tokens: every source, one cache.
+//!
+//! A [`TokenProvider`] fetches tokens from one [`Source`] (IMDS, App Service, AKS workload
+//! identity, a service principal with a secret or certificate — configured, or detected from
+//! the environment in the Azure SDKs' order) and caches them per (source, identity, resource):
+//!
+//! - a token is served until `expires_on` minus 5 minutes and refreshed in the background at
+//!   half its lifetime; a failed refresh keeps the still-valid token in service;
+//! - one fetch per key at a time (single-flight), whatever the number of callers;
+//! - failures are retried per Azure's guidance ([`RetryPolicy`]) within a concurrency and rate
+//!   limit toward the source (default 5 concurrent, 20/s, IMDS's per-VM budget), and a caller
+//!   waits at most a deadline (default 5 s) while the fetch goes on to fill the cache;
+//! - errors are cached only for a short backoff.
+//!
+//! [`TokenService`] serves a provider over the IMDS protocol (`azgate token-service`).
+
+mod client;
+mod error;
+mod metrics;
+mod provider;
+mod retry;
+mod service;
+mod source;
+
+// The public interface is:
+pub use client::{HttpClient, HyperClient, SendFuture};
+pub use error::{Culprit, TokenError};
+pub use metrics::MetricsSnapshot;
+pub use provider::{AccessToken, ProviderConfig, TokenProvider};
+pub use retry::RetryPolicy;
+pub use service::{RunningTokenService, TOKEN_PATH, TokenService};
+pub use source::{
+    ClientCertificate, DEFAULT_AUTHORITY_HOST, IMDS_ENDPOINT, ManagedIdentity, Secret, Source,
+};
