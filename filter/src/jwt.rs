@@ -80,6 +80,12 @@ pub fn bearer_token(authorization: &str, max_bytes: usize) -> Result<&str, Refus
             "the bearer token is empty".into(),
         ));
     }
+    // Envoy joins repeated Authorization headers with ", "; a JWT never contains either.
+    if token.contains(',') || token.contains(char::is_whitespace) {
+        return Err(Refusal::InvalidAuthorizationHeader(
+            "Authorization must carry exactly one bearer token".into(),
+        ));
+    }
     if token.len() > max_bytes {
         return Err(Refusal::TokenTooLarge(format!(
             "the bearer token is larger than {max_bytes} bytes"
@@ -344,6 +350,13 @@ mod tests {
         assert_eq!(
             bearer_token("Bearer 12345678901", 10).unwrap_err().code(),
             "TokenTooLarge"
+        );
+        // What Envoy makes of two Authorization headers.
+        assert_eq!(
+            bearer_token("Bearer a.b.c, Bearer a.b.c", 100)
+                .unwrap_err()
+                .code(),
+            "InvalidAuthorizationHeader"
         );
     }
 

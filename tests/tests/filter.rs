@@ -1,0 +1,845 @@
+//! The filter's integration suite: the scenario vectors in `tests/cases/filter.json` plus a few
+//! scenarios that need their own topology (single-flight under concurrency, token expiry,
+//! unauthenticated forwarding, bad configuration, audit lines), on every selected runtime.
+//!
+//! Run with `cargo test -p azgate-tests --test filter` after `make wasm envoy`;
+//! `AZGATE_RUNTIMES=envoy` picks runtimes, `AZGATE_KEEP_LOGS=1` keeps gateway logs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use azgate::emulator::Fault;
+use azgate_tests::jwt;
+use azgate_tests::pki::{AppCertSpec, Issued, KeyKind, PrivateKey};
+use azgate_tests::topology::{self, Options, Runtime, Topology};
+use libtest_mimic::{Arguments, Failed, Trial};
+use serde::Deserialize;
+use tokio::sync::{Mutex, OnceCell};
+
+#[derive(Deserialize)]
+struct Suite {
+    identities: HashMap<String, String>,
+    roles: Vec<serde_json::Value>,
+    cases: Vec<Case>,
+    token_cases: Vec<Case>,
+}
+
+#[derive(Clone, Deserialize)]
+struct Case {
+    name: String,
+    #[serde(default)]
+    listener: Option<String>,
+    #[serde(default = "default_cert")]
+    cert: Option<CertCase>,
+    #[serde(default = "default_auth")]
+    auth: Option<AuthCase>,
+    #[serde(default)]
+    authorization: Option<Vec<String>>,
+    #[serde(default)]
+    forwarded_host: Option<Vec<String>>,
+    #[serde(default)]
+    headers: Vec<(String, String)>,
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    body: Option<String>,
+    #[serde(default)]
+    imds_fault: Option<serde_json::Value>,
+    expect: Expect,
+}
+
+fn default_cert() -> Option<CertCase> {
+    Some(CertCase::default())
+}
+
+fn default_auth() -> Option<AuthCase> {
+    Some(AuthCase::default())
+}
+
+#[derive(Clone, Deserialize)]
+struct CertCase {
+    #[serde(default = "default_user")]
+    user: Option<String>,
+    #[serde(default)]
+    roles: Vec<String>,
+    #[serde(default)]
+    identity: Option<String>,
+    #[serde(default)]
+    allowed: Vec<String>,
+    #[serde(default = "default_key")]
+    key: KeyKind,
+    #[serde(default = "default_not_before")]
+    not_before_s: i64,
+    #[serde(default = "default_not_after")]
+    not_after_s: i64,
+}
+
+impl Default for CertCase {
+    fn default() -> Self {
+        Self {
+            user: default_user(),
+            roles: vec!["azure-reader".into()],
+            identity: Some("reader".into()),
+            allowed: vec!["reader".into()],
+            key: default_key(),
+            not_before_s: default_not_before(),
+            not_after_s: default_not_after(),
+        }
+    }
+}
+
+fn default_user() -> Option<String> {
+    Some("alice".into())
+}
+fn default_key() -> KeyKind {
+    KeyKind::P256
+}
+fn default_not_before() -> i64 {
+    -60
+}
+fn default_not_after() -> i64 {
+    3600
+}
+
+#[derive(Clone, Default, Deserialize)]
+struct AuthCase {
+    #[serde(default)]
+    signer: Option<String>,
+    #[serde(default)]
+    alg: Option<String>,
+    #[serde(default)]
+    claims: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    exp_offset_s: Option<i64>,
+    #[serde(default)]
+    nbf_offset_s: Option<i64>,
+}
+
+#[derive(Clone, Deserialize)]
+struct Expect {
+    status: u16,
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    upstream: Option<UpstreamExpect>,
+    #[serde(default)]
+    imds_calls: Option<usize>,
+}
+
+#[derive(Clone, Deserialize)]
+struct UpstreamExpect {
+    identity: String,
+    host: String,
+}
+
+/// A topology started on first use and shared by the trials that need it.
+struct Shared {
+    runtime: Runtime,
+    options: Options,
+    cell: OnceCell<Topology>,
+    /// Trials that change the emulator's behaviour run one at a time.
+    exclusive: Mutex<()>,
+}
+
+impl Shared {
+    fn new(runtime: Runtime, options: Options) -> Arc<Self> {
+        Arc::new(Self {
+            runtime,
+            options,
+            cell: OnceCell::new(),
+            exclusive: Mutex::new(()),
+        })
+    }
+
+    async fn get(&self) -> Result<&Topology> {
+        self.cell
+            .get_or_try_init(|| Topology::start(self.runtime, self.options.clone()))
+            .await
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Arguments::from_args();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Arc::new(rt),
+        Err(err) => {
+            eprintln!("cannot start tokio: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let suite = match load_suite() {
+        Ok(suite) => Arc::new(suite),
+        Err(err) => {
+            eprintln!("cannot load tests/cases/filter.json: {err:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let mut trials = Vec::new();
+    let mut topologies = Vec::new();
+    for gateway in Runtime::selected() {
+        let name = gateway.name();
+        let main = Shared::new(gateway, options(&suite, serde_json::json!({}), 2));
+        let faults = Shared::new(
+            gateway,
+            options(&suite, serde_json::json!({"token_timeout_ms": 1000}), 2),
+        );
+        let unauthenticated = Shared::new(
+            gateway,
+            options(
+                &suite,
+                serde_json::json!({"allow_unauthenticated": true}),
+                1,
+            ),
+        );
+        topologies.extend([main.clone(), faults.clone(), unauthenticated.clone()]);
+
+        for (index, case) in suite.cases.iter().enumerate() {
+            let (rt, suite, topo, case) =
+                (runtime.clone(), suite.clone(), main.clone(), case.clone());
+            trials.push(Trial::test(
+                format!("{name}::case_{index:02}: {}", case.name),
+                move || {
+                    rt.block_on(async {
+                        let topology = topo.get().await?;
+                        let resource = format!("api://azgate-case-{index}");
+                        run_case(
+                            topology,
+                            &suite,
+                            &format!("/case-{index}"),
+                            &resource,
+                            &case,
+                        )
+                        .await
+                    })
+                    .map_err(failed)
+                },
+            ));
+        }
+        for (index, case) in suite.token_cases.iter().enumerate() {
+            let (rt, suite, topo, case) =
+                (runtime.clone(), suite.clone(), faults.clone(), case.clone());
+            trials.push(Trial::test(
+                format!("{name}::token_case_{index:02}: {}", case.name),
+                move || {
+                    rt.block_on(async {
+                        let _one_at_a_time = topo.exclusive.lock().await;
+                        let topology = topo.get().await?;
+                        topology.imds.set_fault(fault(case.imds_fault.as_ref())?);
+                        let result = run_case(
+                            topology,
+                            &suite,
+                            &format!("/token-case-{index}"),
+                            "api://azgate-token-faults",
+                            &case,
+                        )
+                        .await;
+                        topology.imds.set_fault(Fault::None);
+                        result
+                    })
+                    .map_err(failed)
+                },
+            ));
+        }
+        let special: Vec<(&str, Arc<Shared>, Special)> = vec![
+            (
+                "single_flight: 50 concurrent first requests make one IMDS call",
+                Shared::new(gateway, options(&suite, serde_json::json!({}), 2)),
+                Special::SingleFlight,
+            ),
+            (
+                "token_expiry: an expired cached token is fetched again",
+                faults.clone(),
+                Special::Expiry,
+            ),
+            (
+                "unauthenticated: forwarded without any token when allowed",
+                unauthenticated.clone(),
+                Special::Unauthenticated,
+            ),
+            (
+                "audit: one JSON line per decision, no secrets in the log",
+                Shared::new(gateway, options(&suite, serde_json::json!({}), 1)),
+                Special::Audit,
+            ),
+            (
+                "bad_configuration: the gateway refuses to start and names the field",
+                main.clone(),
+                Special::BadConfig,
+            ),
+        ];
+        for (title, topo, kind) in special {
+            topologies.push(topo.clone());
+            let (rt, suite) = (runtime.clone(), suite.clone());
+            trials.push(Trial::test(format!("{name}::{title}"), move || {
+                rt.block_on(run_special(kind, &topo, &suite))
+                    .map_err(failed)
+            }));
+        }
+    }
+    let conclusion = libtest_mimic::run(&args, trials);
+    // Stop every gateway before exiting.
+    drop(topologies);
+    conclusion.exit_code()
+}
+
+fn failed(err: anyhow::Error) -> Failed {
+    format!("{err:#}").into()
+}
+
+fn load_suite() -> Result<Suite> {
+    let path = topology::repo_root().join("tests/cases/filter.json");
+    let text = std::fs::read_to_string(&path)?;
+    let mut value: serde_json::Value = serde_json::from_str(&text)?;
+    // Expand "$name" identity references in roles.
+    let identities: HashMap<String, String> = serde_json::from_value(value["identities"].clone())?;
+    if let Some(roles) = value["roles"].as_array_mut() {
+        for role in roles {
+            for side in ["allow", "deny"] {
+                if let Some(ids) = role["spec"][side]["azure_identities"].as_array_mut() {
+                    for id in ids {
+                        if let Some(name) = id.as_str().and_then(|s| s.strip_prefix('$')) {
+                            *id = identities
+                                .get(name)
+                                .cloned()
+                                .ok_or_else(|| anyhow!("unknown identity ${name}"))?
+                                .into();
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(serde_json::from_value(value)?)
+}
+
+fn options(suite: &Suite, extra: serde_json::Value, concurrency: u32) -> Options {
+    let mut config = serde_json::json!({ "roles": suite.roles });
+    if let (Some(config), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+        config.extend(extra.clone());
+    }
+    Options {
+        plugin_config: config.to_string(),
+        concurrency,
+    }
+}
+
+fn fault(spec: Option<&serde_json::Value>) -> Result<Fault> {
+    Ok(match spec {
+        None | Some(serde_json::Value::Null) => Fault::None,
+        Some(serde_json::Value::String(s)) if s == "hang" => Fault::Hang,
+        Some(serde_json::Value::String(s)) if s == "malformed_json" => Fault::MalformedJson,
+        Some(v) if v["status"].is_u64() => {
+            Fault::Status(v["status"].as_u64().unwrap_or(500) as u16)
+        }
+        Some(other) => bail!("unknown imds_fault {other}"),
+    })
+}
+
+fn identity(suite: &Suite, name: &str) -> String {
+    suite
+        .identities
+        .get(name)
+        .cloned()
+        .unwrap_or_else(|| name.to_string())
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+/// The certificate a case asks for.
+fn issue(topology: &Topology, suite: &Suite, spec: &CertCase) -> Result<Issued> {
+    let app = AppCertSpec {
+        user: spec.user.clone(),
+        roles: spec.roles.clone(),
+        selected_identity: spec.identity.as_deref().map(|n| identity(suite, n)),
+        allowed_identities: spec.allowed.iter().map(|n| identity(suite, n)).collect(),
+        not_before_offset_s: spec.not_before_s,
+        not_after_offset_s: spec.not_after_s,
+    };
+    topology.ca.app(&app, spec.key)
+}
+
+/// The JWT a case asks for: tsh's shape unless the case says otherwise.
+fn token(cert: Option<&Issued>, auth: &AuthCase, resource: &str) -> Result<String> {
+    let key = match (auth.signer.as_deref(), cert) {
+        (Some("other"), _) | (_, None) => PrivateKey::generate(KeyKind::P256)?,
+        (_, Some(cert)) => cert.key.clone(),
+    };
+    let mut claims = serde_json::json!({
+        "resource": resource,
+        "tid": "00000000-0000-0000-0000-00000000beef",
+    });
+    if let Some(map) = claims.as_object_mut() {
+        for (k, v) in &auth.claims {
+            match v {
+                serde_json::Value::Null => {
+                    map.remove(k);
+                }
+                serde_json::Value::String(s) if s.starts_with("$pad:") => {
+                    let n: usize = s["$pad:".len()..].parse()?;
+                    map.insert(k.clone(), "x".repeat(n).into());
+                }
+                other => {
+                    map.insert(k.clone(), other.clone());
+                }
+            }
+        }
+        if let Some(offset) = auth.exp_offset_s {
+            map.insert("exp".into(), (now() + offset).into());
+        }
+        if let Some(offset) = auth.nbf_offset_s {
+            map.insert("nbf".into(), (now() + offset).into());
+        }
+    }
+    let alg = auth
+        .alg
+        .clone()
+        .unwrap_or_else(|| jwt::alg_for(&key).to_string());
+    jwt::sign(&key, &alg, &claims)
+}
+
+fn imds_calls_for(topology: &Topology, resource: &str) -> usize {
+    topology
+        .imds
+        .requests()
+        .iter()
+        .filter(|r| r.query_param("resource").as_deref() == Some(resource))
+        .count()
+}
+
+/// Sends one case's request and checks everything the case expects.
+async fn run_case(
+    topology: &Topology,
+    suite: &Suite,
+    path_prefix: &str,
+    default_resource: &str,
+    case: &Case,
+) -> Result<()> {
+    let cert = match &case.cert {
+        Some(spec) => Some(issue(topology, suite, spec)?),
+        None => None,
+    };
+    let resource = case
+        .auth
+        .as_ref()
+        .and_then(|a| a.claims.get("resource"))
+        .and_then(|r| r.as_str())
+        .unwrap_or(default_resource)
+        .to_string();
+    let jwt = match &case.auth {
+        Some(auth) => Some(token(cert.as_ref(), auth, default_resource)?),
+        None => None,
+    };
+    let client = topology.client(cert.as_ref())?;
+    let base = match case.listener.as_deref() {
+        Some("lenient") => topology.gateway.lenient_url(),
+        _ => topology.gateway.url(),
+    };
+    let path = format!(
+        "{path_prefix}{}",
+        case.path
+            .as_deref()
+            .unwrap_or("/subscriptions?api-version=2022-12-01")
+    );
+    let method: reqwest::Method = case.method.as_deref().unwrap_or("GET").parse()?;
+    let mut request = client.request(method.clone(), format!("{base}{path}"));
+    let mut headers = reqwest::header::HeaderMap::new();
+    match (&case.authorization, &jwt) {
+        (Some(values), _) => {
+            for value in values {
+                let value = match (value.as_str(), &jwt) {
+                    ("$token", Some(jwt)) => format!("Bearer {jwt}"),
+                    _ => value.clone(),
+                };
+                headers.append("authorization", value.parse()?);
+            }
+        }
+        (None, Some(jwt)) => {
+            headers.append("authorization", format!("Bearer {jwt}").parse()?);
+        }
+        (None, None) => {}
+    }
+    let forwarded = case
+        .forwarded_host
+        .clone()
+        .unwrap_or_else(|| vec!["management.azure.com".into()]);
+    for host in &forwarded {
+        headers.append("x-forwarded-host", host.parse()?);
+    }
+    for (name, value) in &case.headers {
+        headers.append(
+            reqwest::header::HeaderName::from_bytes(name.as_bytes())?,
+            value.parse()?,
+        );
+    }
+    request = request.headers(headers);
+    if let Some(body) = &case.body {
+        request = request.body(body.clone());
+    }
+    let imds_before = imds_calls_for(topology, &resource);
+    let response = request.send().await.context("request failed")?;
+    let status = response.status().as_u16();
+    let error_header = response
+        .headers()
+        .get("x-azgate-error")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body = response.text().await?;
+    ensure!(
+        status == case.expect.status,
+        "status {status}, expected {}; body: {body}",
+        case.expect.status
+    );
+    let seen = topology.azure.seen_with_path(&format!("{path_prefix}/"));
+    if let Some(code) = &case.expect.code {
+        ensure!(
+            error_header.as_deref() == Some(code.as_str()),
+            "x-azgate-error {error_header:?}, expected {code}; body: {body}"
+        );
+        ensure!(
+            content_type.starts_with("application/json"),
+            "content-type {content_type:?}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&body)
+            .with_context(|| format!("error body is not JSON: {body}"))?;
+        ensure!(json["error"]["code"] == code.as_str(), "error body {json}");
+        ensure!(
+            json["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.len() > 10),
+            "error message missing: {json}"
+        );
+        ensure!(
+            seen.is_empty(),
+            "the upstream saw a refused request: {seen:?}"
+        );
+    }
+    if let Some(expected) = &case.expect.upstream {
+        ensure!(
+            seen.len() == 1,
+            "upstream saw {} requests, expected 1",
+            seen.len()
+        );
+        let got = &seen[0];
+        ensure!(
+            body.contains("\"fake\":\"azure\""),
+            "the answer did not come from upstream: {body}"
+        );
+        ensure!(
+            got.method == method.as_str(),
+            "upstream method {}",
+            got.method
+        );
+        ensure!(
+            got.path == path,
+            "upstream path {:?}, expected {path:?}",
+            got.path
+        );
+        ensure!(
+            got.header("host") == Some(expected.host.as_str()),
+            "upstream host {:?}",
+            got.header("host")
+        );
+        ensure!(
+            got.sni.as_deref() == Some(expected.host.as_str()),
+            "upstream SNI {:?}",
+            got.sni
+        );
+        for stripped in ["x-forwarded-client-cert", "x-forwarded-host"] {
+            ensure!(got.header(stripped).is_none(), "upstream saw {stripped}");
+        }
+        let authorization = got.header_values("authorization");
+        ensure!(
+            authorization.len() == 1,
+            "upstream authorization {authorization:?}"
+        );
+        let msi = authorization[0]
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| anyhow!("upstream authorization is not Bearer"))?;
+        ensure!(
+            Some(msi) != jwt.as_deref(),
+            "the caller's JWT was forwarded"
+        );
+        let claims = jwt::payload(msi).ok_or_else(|| anyhow!("upstream token is not a JWT"))?;
+        ensure!(
+            claims["aud"] == resource.as_str(),
+            "MSI token aud {}",
+            claims["aud"]
+        );
+        let want_identity = identity(suite, &expected.identity);
+        ensure!(
+            claims["xms_mirid"]
+                .as_str()
+                .is_some_and(|m| m.eq_ignore_ascii_case(&want_identity)),
+            "MSI token for {}, expected {want_identity}",
+            claims["xms_mirid"]
+        );
+        if let Some(sent) = &case.body {
+            ensure!(got.body == sent.as_bytes(), "upstream body differs");
+        }
+    }
+    if let Some(calls) = case.expect.imds_calls {
+        let made = imds_calls_for(topology, &resource) - imds_before;
+        ensure!(made == calls, "{made} IMDS calls, expected {calls}");
+    } else {
+        let made = imds_calls_for(topology, &resource) - imds_before;
+        ensure!(made == 0, "a refused request made {made} IMDS calls");
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Special {
+    Audit,
+    BadConfig,
+    Expiry,
+    SingleFlight,
+    Unauthenticated,
+}
+
+async fn run_special(kind: Special, shared: &Shared, suite: &Suite) -> Result<()> {
+    match kind {
+        Special::SingleFlight => single_flight(shared.get().await?, suite).await,
+        Special::Expiry => {
+            let _one_at_a_time = shared.exclusive.lock().await;
+            let topology = shared.get().await?;
+            topology.imds.set_token_lifetime(Duration::from_secs(4));
+            let result = expiry(topology, suite).await;
+            topology
+                .imds
+                .set_token_lifetime(Duration::from_secs(86_400));
+            result
+        }
+        Special::Unauthenticated => unauthenticated(shared.get().await?, suite).await,
+        Special::Audit => audit(shared.get().await?, suite).await,
+        Special::BadConfig => bad_config().await,
+    }
+}
+
+/// Sends an allowed GET for `resource` with `cert` and returns the status.
+async fn allowed_get(
+    topology: &Topology,
+    cert: &Issued,
+    resource: &str,
+    path: &str,
+) -> Result<u16> {
+    let jwt = token(Some(cert), &AuthCase::default(), resource)?;
+    let response = topology
+        .client(Some(cert))?
+        .get(format!("{}{path}", topology.gateway.url()))
+        .header("authorization", format!("Bearer {jwt}"))
+        .header("x-forwarded-host", "management.azure.com")
+        .send()
+        .await?;
+    Ok(response.status().as_u16())
+}
+
+async fn single_flight(topology: &Topology, suite: &Suite) -> Result<()> {
+    let resource = "api://azgate-single-flight";
+    let cert = issue(topology, suite, &CertCase::default())?;
+    // Ten connections of five requests each, so both gateway workers take part.
+    let mut tasks = Vec::new();
+    for connection in 0..10 {
+        let client = topology.client(Some(&cert))?;
+        let jwt = token(Some(&cert), &AuthCase::default(), resource)?;
+        let url = topology.gateway.url();
+        for request in 0..5 {
+            let (client, jwt, url) = (client.clone(), jwt.clone(), url.clone());
+            tasks.push(tokio::spawn(async move {
+                client
+                    .get(format!("{url}/single-flight/{connection}/{request}"))
+                    .header("authorization", format!("Bearer {jwt}"))
+                    .header("x-forwarded-host", "management.azure.com")
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            }));
+        }
+    }
+    for task in tasks {
+        let status = task.await??;
+        ensure!(status == 200, "a concurrent request got {status}");
+    }
+    let calls = imds_calls_for(topology, resource);
+    ensure!(
+        calls == 1,
+        "50 concurrent first requests made {calls} IMDS calls"
+    );
+    let seen = topology.azure.seen_with_path("/single-flight/").len();
+    ensure!(seen == 50, "upstream saw {seen} of 50 requests");
+    Ok(())
+}
+
+async fn expiry(topology: &Topology, suite: &Suite) -> Result<()> {
+    let resource = "api://azgate-expiry";
+    let cert = issue(topology, suite, &CertCase::default())?;
+    ensure!(allowed_get(topology, &cert, resource, "/expiry/1").await? == 200);
+    ensure!(allowed_get(topology, &cert, resource, "/expiry/2").await? == 200);
+    let calls = imds_calls_for(topology, resource);
+    ensure!(
+        calls == 1,
+        "a fresh cached token was fetched again ({calls} calls)"
+    );
+    // A 4 s token is served for half its life, then fetched again.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    ensure!(allowed_get(topology, &cert, resource, "/expiry/3").await? == 200);
+    let calls = imds_calls_for(topology, resource);
+    ensure!(
+        calls == 2,
+        "an expired cached token was not fetched again ({calls} calls)"
+    );
+    Ok(())
+}
+
+async fn unauthenticated(topology: &Topology, suite: &Suite) -> Result<()> {
+    let cert = issue(topology, suite, &CertCase::default())?;
+    let response = topology
+        .client(Some(&cert))?
+        .get(format!("{}/unauthenticated/1", topology.gateway.url()))
+        .header("x-forwarded-host", "management.azure.com")
+        .send()
+        .await?;
+    ensure!(response.status() == 200, "status {}", response.status());
+    let seen = topology.azure.seen_with_path("/unauthenticated/");
+    ensure!(seen.len() == 1, "upstream saw {} requests", seen.len());
+    ensure!(
+        seen[0].header("authorization").is_none(),
+        "a token was injected"
+    );
+    ensure!(
+        seen[0].header("x-forwarded-client-cert").is_none(),
+        "XFCC reached upstream"
+    );
+    ensure!(topology.imds.token_requests() == 0, "IMDS was called");
+    // RBAC still applies to unauthenticated requests.
+    let denied = issue(
+        topology,
+        suite,
+        &CertCase {
+            roles: vec!["lockdown".into()],
+            ..CertCase::default()
+        },
+    )?;
+    let response = topology
+        .client(Some(&denied))?
+        .get(format!("{}/unauthenticated/2", topology.gateway.url()))
+        .header("x-forwarded-host", "management.azure.com")
+        .send()
+        .await?;
+    ensure!(response.status() == 403, "status {}", response.status());
+    Ok(())
+}
+
+async fn audit(topology: &Topology, suite: &Suite) -> Result<()> {
+    let cert = issue(topology, suite, &CertCase::default())?;
+    let resource = "api://azgate-audit";
+    let jwt = token(Some(&cert), &AuthCase::default(), resource)?;
+    ensure!(allowed_get(topology, &cert, resource, "/audit/allowed?secret=s3cr3t").await? == 200);
+    let response = topology
+        .client(Some(&cert))?
+        .get(format!("{}/audit/denied", topology.gateway.url()))
+        .header("authorization", format!("Bearer {jwt}"))
+        .header("x-forwarded-host", "example.com")
+        .send()
+        .await?;
+    ensure!(response.status() == 403);
+    let msi = topology
+        .azure
+        .seen_with_path("/audit/")
+        .first()
+        .and_then(|s| s.header("authorization").map(str::to_string))
+        .ok_or_else(|| anyhow!("upstream saw nothing"))?;
+    // The log is written asynchronously by the gateway.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = topology.gateway.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| l.find("{\"").map(|i| &l[i..]))
+        .filter_map(|json| serde_json::from_str(json).ok())
+        .filter(|v: &serde_json::Value| v["event"] == "azgate.request")
+        .collect();
+    let allowed = lines
+        .iter()
+        .find(|l| l["path"] == "/audit/allowed")
+        .ok_or_else(|| anyhow!("no audit line for the allowed request:\n{log}"))?;
+    ensure!(
+        allowed["decision"] == "allow" && allowed["user"] == "alice",
+        "{allowed}"
+    );
+    ensure!(
+        allowed["identity"] == identity(suite, "reader").as_str(),
+        "{allowed}"
+    );
+    ensure!(allowed["target"] == "management.azure.com", "{allowed}");
+    ensure!(
+        allowed["method"] == "GET" && allowed["resource"] == resource,
+        "{allowed}"
+    );
+    let denied = lines
+        .iter()
+        .find(|l| l["path"] == "/audit/denied")
+        .ok_or_else(|| anyhow!("no audit line for the denied request"))?;
+    ensure!(
+        denied["decision"] == "deny" && denied["code"] == "NotAnAzureEndpoint",
+        "{denied}"
+    );
+    let msi = msi.trim_start_matches("Bearer ");
+    let key_body: String = cert
+        .key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    for (what, secret) in [
+        ("MSI token", msi),
+        ("caller JWT", jwt.as_str()),
+        ("JWT signature", jwt.rsplit('.').next().unwrap_or_default()),
+        ("query string", "s3cr3t"),
+        ("private key", &key_body[..40.min(key_body.len())]),
+    ] {
+        ensure!(!log.contains(secret), "the gateway log contains the {what}");
+    }
+    Ok(())
+}
+
+async fn bad_config() -> Result<()> {
+    for (config, field) in [
+        (
+            r#"{"roles": [], "token_timeout_ms": 0}"#,
+            "token_timeout_ms",
+        ),
+        (
+            r#"{"roles": [{"metadata": {"name": "r"}, "spec": {"allow": {"azure_identities": ["*"]}}}]}"#,
+            "roles[0].spec.allow.azure_identities[0]",
+        ),
+        (
+            r#"{"roles": [], "allow_unauthenticted": true}"#,
+            "allow_unauthenticted",
+        ),
+        ("not json", "(document)"),
+    ] {
+        let failure = topology::start_expecting_failure(config).await?;
+        ensure!(
+            failure.contains(&format!("invalid plugin configuration: {field}")),
+            "the start failure does not name {field}:\n{failure}"
+        );
+    }
+    Ok(())
+}
