@@ -41,6 +41,10 @@
 //! `{"fault":"hang"}`, `{"fault":"slow","millis":N}`, `{"fault":"malformed_json"}`,
 //! `{"fault":"date_string_expiry"}`, `{"fault":"opaque_token"}`.
 
+// The request checks return the refusal response itself as the error; it is built at most once
+// per refused request, so boxing it would only add noise.
+#![allow(clippy::result_large_err, reason = "the Err variant is the HTTP response to send")]
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -35,7 +35,7 @@ enum Command {
     /// Serve managed-identity tokens over the IMDS protocol
     /// (`GET /metadata/identity/oauth2/token`, `Metadata: true`), cached with refresh-ahead and
     /// single-flight; `/metrics` has Prometheus counters.
-    TokenService(TokenServiceArgs),
+    TokenService(Box<TokenServiceArgs>),
 }
 
 #[derive(Args, Debug)]
