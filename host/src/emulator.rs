@@ -43,7 +43,10 @@
 
 // The request checks return the refusal response itself as the error; it is built at most once
 // per refused request, so boxing it would only add noise.
-#![allow(clippy::result_large_err, reason = "the Err variant is the HTTP response to send")]
+#![allow(
+    clippy::result_large_err,
+    reason = "the Err variant is the HTTP response to send"
+)]
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
