@@ -122,7 +122,9 @@ async fn answers_in_the_imds_shape_with_every_number_a_string() {
 async fn refuses_what_imds_refuses_without_calling_upstream() {
     let setup = setup(ProviderConfig::default(), None).await;
     let token_path = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=r";
-    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+    /// (path and query, headers, expected IMDS error code)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case<'_>] = &[
         (token_path, &[], "bad_request_102"),
         (token_path, &[("Metadata", "True")], "bad_request_102"),
         (
