@@ -121,6 +121,8 @@ const IMDS_API_VERSIONS: &[&str] = &[
     "2024-07-17",
     "2025-04-07",
 ];
+/// A long-running `azgate imds-emulator` must not grow without bound.
+const MAX_RECORDED_REQUESTS: usize = 10_000;
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(86_400);
 /// `Retry-After` sent with `Fault::Status(429)`: MSAL's default throttle window.
 const DEFAULT_RETRY_AFTER_SECONDS: u64 = 5;
@@ -210,7 +212,7 @@ struct Control {
     queued_faults: VecDeque<Fault>,
     token_lifetime: Duration,
     identity_header: String,
-    requests: Vec<RecordedRequest>,
+    requests: VecDeque<RecordedRequest>,
 }
 
 /// Which endpoint a token request came in on; it decides the request checks and the response
@@ -262,7 +264,7 @@ impl Emulator {
                     queued_faults: VecDeque::new(),
                     token_lifetime: DEFAULT_TOKEN_LIFETIME,
                     identity_header: DEFAULT_IDENTITY_HEADER.to_owned(),
-                    requests: Vec::new(),
+                    requests: VecDeque::new(),
                 }),
                 stop: stop_receiver,
             }),
@@ -302,9 +304,10 @@ impl Emulator {
         self.state.issued_tokens.load(Ordering::SeqCst)
     }
 
-    /// Every request received (token paths and others, not the admin API), in order.
+    /// The requests received (token paths and others, not the admin API), in order; the
+    /// newest 10 000 are kept.
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.state.control().requests.clone()
+        self.state.control().requests.iter().cloned().collect()
     }
 
     /// Sets the behaviour for subsequent token requests (after any queued one-shot faults).
@@ -444,7 +447,11 @@ impl State {
             body: String::from_utf8_lossy(request.body()).into_owned(),
             received_at: tokio::time::Instant::now(),
         };
-        self.control().requests.push(recorded);
+        let mut control = self.control();
+        if control.requests.len() >= MAX_RECORDED_REQUESTS {
+            control.requests.pop_front();
+        }
+        control.requests.push_back(recorded);
     }
 
     fn check_app_service_request(

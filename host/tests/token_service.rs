@@ -244,7 +244,7 @@ async fn the_deadline_answers_504_and_the_fetch_fills_the_cache() {
     let response = setup.token("api-version=2018-02-01&resource=slow").await;
     assert_eq!(response.status(), 504);
     assert_eq!(json(&response)["error"], "service_unavailable");
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         setup
             .token("api-version=2018-02-01&resource=slow")

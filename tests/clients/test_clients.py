@@ -131,3 +131,50 @@ def test_az_cli_logs_in_and_gets_tokens_through_the_token_service(emulator, toke
     metrics = token_service.metrics()
     assert metrics["azgate_token_cache_hits_total"] >= 1
     assert metrics["azgate_token_upstream_requests_total"] == 2
+
+
+def test_token_service_detects_an_app_service_source_from_the_environment(emulator, monkeypatch):
+    """`--source auto` with IDENTITY_ENDPOINT + IDENTITY_HEADER set picks the App Service
+    protocol; IMDS clients of the token service do not notice the difference."""
+    from conftest import TokenService
+    from azure.identity import ManagedIdentityCredential
+
+    header = "azgate-emulator-identity-header"  # azgate::emulator::DEFAULT_IDENTITY_HEADER
+    service = TokenService(
+        ["token-service", "--listen", "127.0.0.1:0"],
+        clean_env(IDENTITY_ENDPOINT=f"{emulator.base_url}/msi/token", IDENTITY_HEADER=header),
+    )
+    try:
+        for name, value in clean_env(AZURE_POD_IDENTITY_AUTHORITY_HOST=service.base_url).items():
+            monkeypatch.setenv(name, value)
+        for name in ("IDENTITY_ENDPOINT", "IDENTITY_HEADER", "MSI_ENDPOINT", "MSI_SECRET"):
+            monkeypatch.delenv(name, raising=False)
+        token = ManagedIdentityCredential(client_id="0f0e0d0c-0b0a-0908-0706-050403020100").get_token(
+            "https://storage.azure.com/.default"
+        )
+        claims = jwt_claims(token.token)
+        assert claims["aud"] == "https://storage.azure.com"
+        assert claims["appid"] == "0f0e0d0c-0b0a-0908-0706-050403020100"
+        [upstream] = emulator.requests()
+        assert upstream["path_and_query"].startswith("/msi/token?api-version=2019-08-01&")
+        assert dict(upstream["headers"])["x-identity-header"] == header
+    finally:
+        service.stop()
+
+
+def test_azure_identity_accepts_the_emulators_app_service_endpoint(emulator, monkeypatch):
+    """The emulator's App Service shape (no expires_in, epoch-string expires_on) is what
+    azure-identity's App Service path parses."""
+    from azure.identity import ManagedIdentityCredential
+
+    for name, value in clean_env(
+        IDENTITY_ENDPOINT=f"{emulator.base_url}/msi/token", IDENTITY_HEADER="azgate-emulator-identity-header"
+    ).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", raising=False)
+    token = ManagedIdentityCredential(identity_config={"resource_id": MIRID}).get_token(
+        "https://management.azure.com/.default"
+    )
+    assert jwt_claims(token.token)["xms_mirid"] == MIRID
+    assert token.expires_on > time.time() + 23 * 3600
+    assert emulator.stats()["token_requests"] == 1
