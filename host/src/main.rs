@@ -54,7 +54,7 @@ struct TokenServiceArgs {
     identity_endpoint: Option<String>,
     /// App Service `X-IDENTITY-HEADER` value.
     #[arg(long, env = "IDENTITY_HEADER", hide_env_values = true)]
-    identity_header: Option<String>,
+    identity_header: Option<Secret>,
     /// Entra authority host for workload identity and service principals.
     #[arg(long, env = "AZURE_AUTHORITY_HOST")]
     authority_host: Option<String>,
@@ -66,7 +66,7 @@ struct TokenServiceArgs {
     client_id: Option<String>,
     /// Service principal secret.
     #[arg(long, env = "AZURE_CLIENT_SECRET", hide_env_values = true)]
-    client_secret: Option<String>,
+    client_secret: Option<Secret>,
     /// PEM file with the service principal's RSA key and certificate.
     #[arg(long, env = "AZURE_CLIENT_CERTIFICATE_PATH")]
     client_certificate_path: Option<PathBuf>,
@@ -155,6 +155,10 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             if !args.allowed_identities.is_empty() {
                 service = service.with_allowed_identities(args.allowed_identities.clone());
             }
+            if !args.listen.ip().is_loopback() {
+                // Anyone who can reach this port gets tokens for every allowed identity.
+                tracing::warn!(listen = %args.listen, "token service listening on a non-loopback address");
+            }
             let running = service.start(args.listen).await?;
             println!("listening on {}", running.local_addr());
             tracing::info!(addr = %running.local_addr(), "token service serving");
@@ -175,11 +179,21 @@ fn token_source(args: &TokenServiceArgs) -> Result<Source, TokenError> {
             args.imds_endpoint.clone(),
         ),
         ("IDENTITY_ENDPOINT", args.identity_endpoint.clone()),
-        ("IDENTITY_HEADER", args.identity_header.clone()),
+        (
+            "IDENTITY_HEADER",
+            args.identity_header
+                .as_ref()
+                .map(|secret| secret.expose().to_owned()),
+        ),
         ("AZURE_AUTHORITY_HOST", args.authority_host.clone()),
         ("AZURE_TENANT_ID", args.tenant_id.clone()),
         ("AZURE_CLIENT_ID", args.client_id.clone()),
-        ("AZURE_CLIENT_SECRET", args.client_secret.clone()),
+        (
+            "AZURE_CLIENT_SECRET",
+            args.client_secret
+                .as_ref()
+                .map(|secret| secret.expose().to_owned()),
+        ),
         (
             "AZURE_CLIENT_CERTIFICATE_PATH",
             path(&args.client_certificate_path),
@@ -216,7 +230,9 @@ fn token_source(args: &TokenServiceArgs) -> Result<Source, TokenError> {
         },
         SourceKind::AppService => Source::AppService {
             endpoint: required(&args.identity_endpoint, "--identity-endpoint")?,
-            header: Secret::new(required(&args.identity_header, "--identity-header")?),
+            header: args.identity_header.clone().ok_or_else(|| {
+                TokenError::Configuration("--source needs --identity-header".into())
+            })?,
         },
         SourceKind::WorkloadIdentity => Source::WorkloadIdentity {
             authority_host: authority_host(),
@@ -230,7 +246,9 @@ fn token_source(args: &TokenServiceArgs) -> Result<Source, TokenError> {
             authority_host: authority_host(),
             tenant_id: required(&args.tenant_id, "--tenant-id")?,
             client_id: required(&args.client_id, "--client-id")?,
-            secret: Secret::new(required(&args.client_secret, "--client-secret")?),
+            secret: args.client_secret.clone().ok_or_else(|| {
+                TokenError::Configuration("--source needs --client-secret".into())
+            })?,
         },
         SourceKind::ClientCertificate => {
             let path = required(
@@ -262,5 +280,85 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+
+    fn token_service_args(args: &[&str]) -> TokenServiceArgs {
+        let cli = Cli::try_parse_from(
+            ["azgate", "token-service", "--listen", "127.0.0.1:0"]
+                .iter()
+                .chain(args),
+        )
+        .unwrap();
+        match cli.command {
+            Command::TokenService(args) => *args,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn explicit_sources_take_their_flags() {
+        let args =
+            token_service_args(&["--source", "imds", "--imds-endpoint", "http://127.0.0.1:1"]);
+        assert!(
+            matches!(token_source(&args).unwrap(), Source::Imds { endpoint } if endpoint == "http://127.0.0.1:1")
+        );
+
+        let args = token_service_args(&[
+            "--source",
+            "client-secret",
+            "--tenant-id",
+            "t",
+            "--client-id",
+            "c",
+            "--client-secret",
+            "s",
+        ]);
+        let source = token_source(&args).unwrap();
+        assert_eq!(source.kind(), "client_secret");
+        assert!(
+            !format!("{args:?}{source:?}").contains("\"s\""),
+            "secrets stay out of Debug"
+        );
+
+        let args = token_service_args(&["--source", "workload-identity", "--tenant-id", "t"]);
+        assert!(matches!(
+            token_source(&args),
+            Err(TokenError::Configuration(_))
+        ));
+    }
+
+    #[test]
+    fn allow_list_entries_parse_as_identities() {
+        let args = token_service_args(&[
+            "--allow-identity",
+            "system",
+            "--allow-identity",
+            "msi_res_id=/subscriptions/s/x",
+        ]);
+        assert_eq!(
+            args.allowed_identities,
+            [
+                ManagedIdentity::SystemAssigned,
+                ManagedIdentity::ResourceId("/subscriptions/s/x".into())
+            ]
+        );
+        assert!(
+            Cli::try_parse_from([
+                "azgate",
+                "token-service",
+                "--listen",
+                "127.0.0.1:0",
+                "--allow-identity",
+                "bogus"
+            ])
+            .is_err()
+        );
     }
 }

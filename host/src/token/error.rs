@@ -33,6 +33,8 @@ pub enum TokenError {
         /// Human-readable reason.
         description: String,
     },
+    /// The caller used a method other than GET on the token path. → 405 `method_not_allowed`.
+    MethodNotAllowed,
     /// The request names an identity that the token service's allow-list does not include.
     /// → 403 `forbidden`.
     IdentityNotAllowed(String),
@@ -93,6 +95,7 @@ impl TokenError {
             TokenError::BadRequest { .. } | TokenError::UnsupportedIdentity(_) => {
                 StatusCode::BAD_REQUEST
             }
+            TokenError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             TokenError::IdentityNotAllowed(_) => StatusCode::FORBIDDEN,
             TokenError::UpstreamRejected { status, .. } => upstream(*status),
             TokenError::UpstreamUnavailable { status, .. } => upstream(*status),
@@ -109,6 +112,7 @@ impl TokenError {
     pub fn error_code(&self) -> &str {
         match self {
             TokenError::BadRequest { code, .. } => code,
+            TokenError::MethodNotAllowed => "method_not_allowed",
             TokenError::IdentityNotAllowed(_) => "forbidden",
             TokenError::UnsupportedIdentity(_) => "invalid_request",
             TokenError::UpstreamRejected { code, .. }
@@ -125,6 +129,7 @@ impl TokenError {
     pub fn culprit(&self) -> Culprit {
         match self {
             TokenError::BadRequest { .. }
+            | TokenError::MethodNotAllowed
             | TokenError::IdentityNotAllowed(_)
             | TokenError::UnsupportedIdentity(_) => Culprit::Downstream,
             TokenError::UpstreamRejected { .. }
@@ -207,6 +212,7 @@ impl fmt::Display for TokenError {
             TokenError::BadRequest { code, description } => {
                 write!(f, "bad request ({code}): {description}")
             }
+            TokenError::MethodNotAllowed => f.write_str("only GET is supported"),
             TokenError::IdentityNotAllowed(identity) => {
                 write!(f, "identity {identity} is not on the allow-list")
             }

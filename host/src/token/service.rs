@@ -162,7 +162,7 @@ fn parse_token_request(request: &Request<Bytes>) -> Result<(ManagedIdentity, Str
         description: description.to_owned(),
     };
     if request.method() != Method::GET {
-        return Err(bad("method_not_allowed", "Only GET is supported"));
+        return Err(TokenError::MethodNotAllowed);
     }
     if request.headers().contains_key("x-forwarded-for") {
         return Err(bad(

@@ -91,6 +91,14 @@ impl Secret {
     }
 }
 
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Ok(Secret::new(value))
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("...")
@@ -252,6 +260,11 @@ pub(crate) struct FetchedToken {
 // === impl Source ===
 
 impl Source {
+    /// [`Source::detect`] over the process environment.
+    pub fn from_environment() -> Result<Source, TokenError> {
+        Source::detect(|name| std::env::var(name).ok())
+    }
+
     /// Detects the source from environment variables, in the Azure SDKs' order
     /// (DefaultAzureCredential's: environment service principal, workload identity, then
     /// managed identity: App Service, IMDS). `lookup` reads one variable; tests pass a map.
