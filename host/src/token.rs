@@ -13,6 +13,28 @@
 //! - errors are cached only for a short backoff.
 //!
 //! [`TokenService`] serves a provider over the IMDS protocol (`azgate token-service`).
+//!
+//! In-process use, as `azgate serve` does:
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use azgate::token::{HyperClient, ManagedIdentity, ProviderConfig, Source, TokenProvider};
+//!
+//! let provider = TokenProvider::new(
+//!     Source::from_environment()?,
+//!     Arc::new(HyperClient::new()?),
+//!     ProviderConfig::default(),
+//! );
+//! let reader = ManagedIdentity::ResourceId(
+//!     "/subscriptions/…/providers/Microsoft.ManagedIdentity/userAssignedIdentities/reader".into(),
+//! );
+//! let token = provider.token(&reader, "https://management.azure.com/").await?;
+//! let authorization = format!("Bearer {}", token.secret());
+//! # drop(authorization);
+//! # Ok(())
+//! # }
+//! ```
 
 mod client;
 mod error;
