@@ -543,3 +543,46 @@ async fn expiry_formats_and_short_lived_tokens() {
     assert_eq!(error.http_status(), 502);
     assert_eq!(emulator.token_requests() - before, 6);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_cache_is_bounded_and_evicts_the_least_recently_used_key() {
+    let emulator = Emulator::in_memory();
+    let config = ProviderConfig {
+        max_entries: 2,
+        ..ProviderConfig::default()
+    };
+    let provider = in_memory_provider(&emulator, config);
+    let key = |n: u32| ManagedIdentity::ClientId(format!("client-{n}"));
+
+    provider.token(&key(1), ARM).await.unwrap();
+    provider.token(&key(2), ARM).await.unwrap();
+    provider.token(&key(1), ARM).await.unwrap(); // 2 is now the least recently used
+    provider.token(&key(3), ARM).await.unwrap(); // evicts 2
+    assert_eq!(emulator.token_requests(), 3);
+    assert_eq!(provider.metrics().token_ages.len(), 2);
+    provider.token(&key(1), ARM).await.unwrap();
+    assert_eq!(emulator.token_requests(), 3, "1 stayed cached");
+    provider.token(&key(2), ARM).await.unwrap();
+    assert_eq!(
+        emulator.token_requests(),
+        4,
+        "2 was evicted and fetched again"
+    );
+
+    // When every slot has a fetch in flight, a new key is refused rather than evicting one.
+    let emulator = Emulator::in_memory();
+    emulator.set_fault(Fault::Hang);
+    let config = ProviderConfig {
+        max_entries: 1,
+        ..ProviderConfig::default()
+    };
+    let provider = in_memory_provider(&emulator, config);
+    assert_eq!(
+        provider.token(&key(1), ARM).await.unwrap_err(),
+        TokenError::DeadlineExceeded
+    );
+    assert_eq!(
+        provider.token(&key(2), ARM).await.unwrap_err(),
+        TokenError::CacheFull
+    );
+}

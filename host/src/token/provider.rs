@@ -436,7 +436,8 @@ impl Inner {
     fn finish_fetch(self: &Arc<Self>, key: &CacheKey, result: &Result<AccessToken, TokenError>) {
         let now = Instant::now();
         let mut cache = self.lock_cache();
-        // Evicted while fetching: the waiting callers still get the result.
+        // Entries with a fetch in flight are never evicted, so the entry is there and its
+        // `in_flight` is this fetch; the `else` only guards that invariant.
         let Some(entry) = cache.get_mut(key) else {
             return;
         };
