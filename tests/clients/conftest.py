@@ -11,8 +11,8 @@ import os
 import pathlib
 import ssl
 import subprocess
+import tempfile
 import threading
-import time
 import urllib.request
 
 import pytest
@@ -64,13 +64,15 @@ class AzgateProcess:
         binary = os.environ.get("AZGATE_BIN", str(REPO / "target" / "debug" / "azgate"))
         if not os.access(binary, os.X_OK):
             pytest.fail(f"azgate binary not found at {binary}; run tests/clients/run.sh")
-        self.process = subprocess.Popen(
-            [binary, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-        )
+        # stderr goes to a file: an undrained pipe would block a chatty process.
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen([binary, *args], stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
         line = self.process.stdout.readline()
         if not line.startswith("listening on "):
             self.process.kill()
-            pytest.fail(f"azgate {args[0]} did not start: {line!r} {self.process.stderr.read()}")
+            self.process.wait()
+            self.log.seek(0)
+            pytest.fail(f"azgate {args[0]} did not start: {line!r} {self.log.read()}")
         self.addr = line.removeprefix("listening on ").strip()
         self.base_url = f"http://{self.addr}"
 
@@ -80,6 +82,8 @@ class AzgateProcess:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
+        self.log.close()
 
 
 class Emulator(AzgateProcess):
@@ -208,11 +212,3 @@ def fake_arm(tmp_path):
     yield arm
     arm.stop()
 
-
-def wait_for(predicate, timeout=10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
