@@ -229,6 +229,8 @@ struct Identity {
     client_id: String,
     object_id: String,
     resource_id: String,
+    /// The `object_id` or `msi_res_id` selector as requested, which IMDS echoes back.
+    echoed_selector: Option<(String, String)>,
 }
 
 // === impl Emulator ===
@@ -550,9 +552,10 @@ impl State {
                     "token_type": "Bearer",
                     "client_id": identity.client_id,
                 });
-                if let Some(object) = body.as_object_mut() {
-                    object.insert("object_id".into(), identity.object_id.clone().into());
-                    object.insert("msi_res_id".into(), identity.resource_id.clone().into());
+                if let (Some(object), Some((name, value))) =
+                    (body.as_object_mut(), &identity.echoed_selector)
+                {
+                    object.insert(name.clone(), value.clone().into());
                 }
                 body
             }
@@ -838,11 +841,13 @@ fn select_identity(selectors: &[(&str, Option<&str>)]) -> Result<Identity, &'sta
             client_id: derived_guid("client", SYSTEM_ASSIGNED_RESOURCE_ID),
             object_id: derived_guid("object", SYSTEM_ASSIGNED_RESOURCE_ID),
             resource_id: SYSTEM_ASSIGNED_RESOURCE_ID.to_owned(),
+            echoed_selector: None,
         },
         [("msi_res_id", resource_id)] => Identity {
             client_id: derived_guid("client", resource_id),
             object_id: derived_guid("object", resource_id),
             resource_id: (*resource_id).to_owned(),
+            echoed_selector: Some(("msi_res_id".to_owned(), (*resource_id).to_owned())),
         },
         [(kind, id)] => {
             let resource_id = format!(
@@ -860,6 +865,8 @@ fn select_identity(selectors: &[(&str, Option<&str>)]) -> Result<Identity, &'sta
                     derived_guid("object", &resource_id)
                 },
                 resource_id,
+                echoed_selector: (*kind == "object_id")
+                    .then(|| ("object_id".to_owned(), (*id).to_owned())),
             }
         }
         _ => return Err("Only one of client_id, object_id and msi_res_id may be specified"),

@@ -42,17 +42,29 @@ async fn imds_token_has_string_numbers_and_the_identity_in_its_claims() {
     assert_eq!(body["token_type"], "Bearer");
     assert_eq!(body["refresh_token"], "");
     assert_eq!(body["resource"], "https://management.azure.com/");
-    let claims = claims(body["access_token"].as_str().unwrap());
-    assert_eq!(claims["aud"], "https://management.azure.com/");
-    assert_eq!(claims["xms_mirid"], MIRID);
-    assert_eq!(claims["tid"], TENANT_ID);
+    assert_eq!(body["msi_res_id"], MIRID, "IMDS echoes the selector");
+    let token_claims = claims(body["access_token"].as_str().unwrap());
+    assert_eq!(token_claims["aud"], "https://management.azure.com/");
+    assert_eq!(token_claims["xms_mirid"], MIRID);
+    assert_eq!(token_claims["tid"], TENANT_ID);
     assert_eq!(
-        claims["exp"].as_u64().unwrap().to_string(),
+        token_claims["exp"].as_u64().unwrap().to_string(),
         body["expires_on"].as_str().unwrap()
     );
-    assert!(claims["oid"].as_str().unwrap().len() == 36);
+    assert!(token_claims["oid"].as_str().unwrap().len() == 36);
     assert_eq!(emulator.token_requests(), 1);
     assert_eq!(emulator.issued_tokens(), 1);
+
+    let system = json_body(
+        &emulator
+            .handle(imds_request("api-version=2018-02-01&resource=r"))
+            .await,
+    );
+    assert!(system.get("msi_res_id").is_none() && system.get("object_id").is_none());
+    assert_eq!(
+        claims(system["access_token"].as_str().unwrap())["xms_mirid"],
+        SYSTEM_ASSIGNED_RESOURCE_ID
+    );
 }
 
 #[tokio::test]
