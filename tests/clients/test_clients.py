@@ -178,3 +178,39 @@ def test_azure_identity_accepts_the_emulators_app_service_endpoint(emulator, mon
     assert jwt_claims(token.token)["xms_mirid"] == MIRID
     assert token.expires_on > time.time() + 23 * 3600
     assert emulator.stats()["token_requests"] == 1
+
+
+def test_token_service_exchanges_a_workload_identity_token(emulator, monkeypatch, tmp_path):
+    """`--source auto` with the AKS workload-identity variables exchanges the projected
+    service-account token at the (emulated) Entra authority, per client id."""
+    from conftest import TokenService
+    from azure.identity import ManagedIdentityCredential
+
+    token_file = tmp_path / "azure-identity-token"
+    token_file.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6ZGVtbzphcHAifQ.c2ln")
+    service = TokenService(
+        ["token-service", "--listen", "127.0.0.1:0"],
+        clean_env(
+            AZURE_TENANT_ID=TENANT_ID,
+            AZURE_CLIENT_ID="aaaaaaaa-0000-0000-0000-000000000001",
+            AZURE_FEDERATED_TOKEN_FILE=str(token_file),
+            AZURE_AUTHORITY_HOST=emulator.base_url,
+        ),
+    )
+    try:
+        for name, value in clean_env(AZURE_POD_IDENTITY_AUTHORITY_HOST=service.base_url).items():
+            monkeypatch.setenv(name, value)
+        for name in ("AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_FEDERATED_TOKEN_FILE", "IDENTITY_ENDPOINT"):
+            monkeypatch.delenv(name, raising=False)
+        default = ManagedIdentityCredential().get_token("https://vault.azure.net/.default")
+        other = ManagedIdentityCredential(client_id="bbbbbbbb-0000-0000-0000-000000000002").get_token(
+            "https://vault.azure.net/.default"
+        )
+        assert jwt_claims(default.token)["appid"] == "aaaaaaaa-0000-0000-0000-000000000001"
+        assert jwt_claims(other.token)["appid"] == "bbbbbbbb-0000-0000-0000-000000000002"
+        assert jwt_claims(other.token)["aud"] == "https://vault.azure.net"
+        exchanges = emulator.requests()
+        assert [r["path_and_query"] for r in exchanges] == [f"/{TENANT_ID}/oauth2/v2.0/token"] * 2
+        assert all(r["method"] == "POST" for r in exchanges)
+    finally:
+        service.stop()
