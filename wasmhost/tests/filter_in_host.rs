@@ -1,0 +1,90 @@
+//! The real azgate filter in this host: start-up, configuration refusal and a local response
+//! (call-outs are covered end to end by the scenario suite on `azgate serve`). Needs `make wasm` (the Makefile runs it before the tests).
+
+use std::path::PathBuf;
+
+use azgate_wasmhost::{
+    Action, HostError, Plugin, PluginOptions, SharedStores, StreamAction, StreamInfo,
+};
+
+fn filter_wasm() -> Vec<u8> {
+    let path = std::env::var_os("AZGATE_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/wasm32-wasip1/release/azgate_filter.wasm")
+        });
+    std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{} missing ({e}); run `make wasm` first", path.display()))
+}
+
+fn options(config: &str) -> PluginOptions {
+    PluginOptions {
+        name: "azgate".into(),
+        root_id: "azgate".into(),
+        vm_id: "azgate".into(),
+        plugin_config: config.as_bytes().to_vec(),
+        vm_config: Vec::new(),
+        clusters: vec!["azgate_msi".into()],
+        log_level: 2,
+        cache_dir: None,
+    }
+}
+
+fn headers(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect()
+}
+
+#[test]
+fn a_bad_configuration_is_refused_at_start() {
+    let plugin = Plugin::load(
+        &filter_wasm(),
+        options(r#"{"roles": 5}"#),
+        SharedStores::default(),
+    )
+    .expect("the filter compiles");
+    assert_eq!(plugin.start_vm().err(), Some(HostError::ConfigureRejected));
+}
+
+#[test]
+fn a_request_without_certificate_gets_the_filters_local_response() {
+    let plugin = Plugin::load(
+        &filter_wasm(),
+        options(r#"{"roles": []}"#),
+        SharedStores::default(),
+    )
+    .expect("the filter compiles");
+    let mut vm = plugin.start_vm().expect("the VM starts");
+    let id = vm
+        .create_stream(
+            headers(&[
+                (":method", "GET"),
+                (":path", "/x"),
+                (":authority", "gw"),
+                ("x-forwarded-host", "management.azure.com"),
+            ]),
+            StreamInfo::default(),
+        )
+        .expect("stream created");
+    assert_eq!(
+        vm.on_request_headers(id, true).expect("no trap"),
+        Action::Pause
+    );
+    let effects = vm.take_effects();
+    let [(stream, StreamAction::LocalResponse(response))] = effects.actions.as_slice() else {
+        panic!("expected one local response, got {:?}", effects.actions);
+    };
+    assert_eq!(*stream, id);
+    assert_eq!(response.status, 401);
+    assert!(
+        response
+            .headers
+            .iter()
+            .any(|(k, v)| k == "x-azgate-error" && v == b"MissingClientCertificate")
+    );
+    vm.finish_stream(id).expect("finished without trap");
+    assert!(vm.open_streams().is_empty());
+}
