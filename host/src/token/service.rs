@@ -105,7 +105,9 @@ impl TokenService {
         }
         let token = self.provider.token(&identity, &resource).await?;
         let expires_in = token.expires_in().to_string();
-        // Validity is counted from now: a cached token's "issuance" for the client is now.
+        // `expires_in` is the validity left now (clients such as MSAL compute expiry from it),
+        // and the source's `not_before` is not kept, so "now" stands in for it: the token is
+        // certainly valid from then on.
         let now = token.expires_on().saturating_sub(token.expires_in());
         let mut body = json!({
             "access_token": token.secret(),
