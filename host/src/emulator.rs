@@ -65,6 +65,7 @@ use tokio::sync::watch;
 
 use crate::civil_time::format_us_date;
 use crate::http_server::{self, json_response};
+use crate::imds_rules::{self, Query};
 
 /// The tenant every emulated token belongs to.
 pub const TENANT_ID: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
@@ -477,7 +478,7 @@ impl State {
                 "X-IDENTITY-HEADER is missing or invalid",
             ));
         }
-        let query = parse_query(request).map_err(|name| {
+        let query = Query::parse(request.uri().query()).map_err(|name| {
             app_service_error(
                 StatusCode::BAD_REQUEST,
                 &format!("duplicate query parameter {name}"),
@@ -676,67 +677,10 @@ impl TryFrom<FaultSpec> for Fault {
     }
 }
 
-/// Query parameters in order, with duplicates detected.
-struct Query(Vec<(String, String)>);
-
-impl Query {
-    fn first(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(key, _)| key == name)
-            .map(|(_, value)| value.as_str())
-    }
-}
-
-/// Parses the query; `Err(name)` names a parameter given twice.
-fn parse_query(request: &Request<Bytes>) -> Result<Query, String> {
-    let pairs: Vec<(String, String)> =
-        form_urlencoded::parse(request.uri().query().unwrap_or_default().as_bytes())
-            .map(|(key, value)| (key.into_owned(), value.into_owned()))
-            .collect();
-    for (index, (key, _)) in pairs.iter().enumerate() {
-        if pairs[..index].iter().any(|(earlier, _)| earlier == key) {
-            return Err(key.clone());
-        }
-    }
-    Ok(Query(pairs))
-}
-
-/// The header checks IMDS applies to every request.
-fn check_imds_headers(request: &Request<Bytes>) -> Result<(), Response<Bytes>> {
-    if request.method() != Method::GET {
-        return Err(imds_error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "Only GET is supported",
-        ));
-    }
-    if request.headers().contains_key("x-forwarded-for") {
-        return Err(imds_error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "Requests with an X-Forwarded-For header are not allowed",
-        ));
-    }
-    if request
-        .headers()
-        .get("metadata")
-        .map(|value| value.as_bytes())
-        != Some(b"true")
-    {
-        return Err(imds_error(
-            StatusCode::BAD_REQUEST,
-            "bad_request_102",
-            "Required metadata header not specified",
-        ));
-    }
-    let query = parse_query(request).map_err(|name| {
-        imds_error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            &format!("Duplicate query parameter {name}"),
-        )
-    })?;
+/// The checks IMDS applies to every request; the parsed query on success.
+fn check_imds_headers(request: &Request<Bytes>) -> Result<Query, Response<Bytes>> {
+    let query = imds_rules::check(request)
+        .map_err(|refusal| imds_error(refusal.status, refusal.code, &refusal.description))?;
     if !query
         .first("api-version")
         .is_some_and(|version| IMDS_API_VERSIONS.contains(&version))
@@ -747,14 +691,11 @@ fn check_imds_headers(request: &Request<Bytes>) -> Result<(), Response<Bytes>> {
         });
         return Err(json_response(StatusCode::BAD_REQUEST, body.to_string()));
     }
-    Ok(())
+    Ok(query)
 }
 
 fn check_imds_request(request: &Request<Bytes>) -> Result<(Identity, String), Response<Bytes>> {
-    check_imds_headers(request)?;
-    // Already checked for duplicates above.
-    let query = parse_query(request)
-        .map_err(|_| imds_error(StatusCode::BAD_REQUEST, "bad_request", "bad query"))?;
+    let query = check_imds_headers(request)?;
     let Some(resource) = query.first("resource").filter(|r| !r.is_empty()) else {
         return Err(imds_error(
             StatusCode::BAD_REQUEST,

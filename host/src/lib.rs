@@ -11,3 +11,4 @@ pub mod token;
 
 mod civil_time;
 mod http_server;
+mod imds_rules;

@@ -21,6 +21,7 @@ use super::error::TokenError;
 use super::provider::TokenProvider;
 use super::source::ManagedIdentity;
 use crate::http_server::{self, json_response};
+use crate::imds_rules;
 
 /// The IMDS token path.
 pub const TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
@@ -163,44 +164,14 @@ fn parse_token_request(request: &Request<Bytes>) -> Result<(ManagedIdentity, Str
         code,
         description: description.to_owned(),
     };
-    if request.method() != Method::GET {
-        return Err(TokenError::MethodNotAllowed);
-    }
-    if request.headers().contains_key("x-forwarded-for") {
-        return Err(bad(
-            "bad_request",
-            "Requests with an X-Forwarded-For header are not allowed",
-        ));
-    }
-    if request
-        .headers()
-        .get("metadata")
-        .map(|value| value.as_bytes())
-        != Some(b"true")
-    {
-        return Err(bad(
-            "bad_request_102",
-            "Required metadata header not specified",
-        ));
-    }
-    let pairs: Vec<(String, String)> =
-        form_urlencoded::parse(request.uri().query().unwrap_or_default().as_bytes())
-            .map(|(key, value)| (key.into_owned(), value.into_owned()))
-            .collect();
-    for (index, (key, _)) in pairs.iter().enumerate() {
-        if pairs[..index].iter().any(|(earlier, _)| earlier == key) {
-            return Err(bad(
-                "bad_request",
-                &format!("Duplicate query parameter {key}"),
-            ));
-        }
-    }
-    let param = |name: &str| {
-        pairs
-            .iter()
-            .find(|(key, _)| key == name)
-            .map(|(_, value)| value.as_str())
-    };
+    let query = imds_rules::check(request).map_err(|refusal| match refusal.status {
+        StatusCode::METHOD_NOT_ALLOWED => TokenError::MethodNotAllowed,
+        _ => TokenError::BadRequest {
+            code: refusal.code,
+            description: refusal.description,
+        },
+    })?;
+    let param = |name: &str| query.first(name);
     let api_version_ok = param("api-version").is_some_and(|version| {
         let bytes = version.as_bytes();
         bytes.len() >= 10
