@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use azgate::emulator::{Emulator, Fault};
-use azgate::token::{ManagedIdentity, ProviderConfig, Source, TokenError, TokenProvider};
+use azgate::token::{
+    AccessToken, ManagedIdentity, ProviderConfig, Source, TokenError, TokenProvider,
+};
 use tokio::time::Instant;
 
 const ARM: &str = "https://management.azure.com/";
@@ -27,6 +29,29 @@ fn in_memory_provider(emulator: &Emulator, config: ProviderConfig) -> TokenProvi
         Arc::new(emulator.clone()),
         config,
     )
+}
+
+/// Asks for each identity's token from its own task, all at once; the answers in order.
+async fn concurrently(
+    provider: &TokenProvider,
+    identities: impl IntoIterator<Item = ManagedIdentity>,
+) -> Vec<Result<AccessToken, TokenError>> {
+    let callers: Vec<_> = identities
+        .into_iter()
+        .map(|identity| {
+            let provider = provider.clone();
+            tokio::spawn(async move { provider.token(&identity, ARM).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for caller in callers {
+        answers.push(caller.await.expect("caller task panicked"));
+    }
+    answers
+}
+
+fn clients(count: u32) -> impl Iterator<Item = ManagedIdentity> {
+    (0..count).map(|n| ManagedIdentity::ClientId(format!("client-{n}")))
 }
 
 /// Token lifetimes are computed from wall-clock epoch seconds, so they may be off by the one
@@ -56,23 +81,16 @@ async fn a_thousand_concurrent_cold_requests_make_one_upstream_call() {
     emulator.set_fault(Fault::Slow(Duration::from_millis(500)));
     let provider = in_memory_provider(&emulator, ProviderConfig::default());
 
-    let callers: Vec<_> = (0..1000)
-        .map(|_| {
-            let provider = provider.clone();
-            tokio::spawn(async move { provider.token(&identity(), ARM).await })
-        })
-        .collect();
-    let mut secrets = Vec::new();
-    for caller in callers {
-        secrets.push(
-            caller
-                .await
-                .unwrap()
+    let secrets: Vec<String> = concurrently(&provider, std::iter::repeat_n(identity(), 1000))
+        .await
+        .into_iter()
+        .map(|answer| {
+            answer
                 .expect("every caller gets the token")
                 .secret()
-                .to_owned(),
-        );
-    }
+                .to_owned()
+        })
+        .collect();
 
     assert_eq!(
         emulator.token_requests(),
@@ -109,14 +127,8 @@ async fn a_thousand_concurrent_cold_requests_over_real_sockets_make_one_upstream
         Arc::new(azgate::token::HyperClient::new().unwrap()),
         ProviderConfig::default(),
     );
-    let callers: Vec<_> = (0..1000)
-        .map(|_| {
-            let provider = provider.clone();
-            tokio::spawn(async move { provider.token(&identity(), ARM).await })
-        })
-        .collect();
-    for caller in callers {
-        caller.await.unwrap().expect("every caller gets the token");
+    for answer in concurrently(&provider, std::iter::repeat_n(identity(), 1000)).await {
+        answer.expect("every caller gets the token");
     }
     assert_eq!(emulator.token_requests(), 1);
     let request = &emulator.requests()[0];
@@ -202,17 +214,8 @@ async fn a_429_storm_is_backed_off_with_retry_after_honoured() {
     let start = Instant::now();
 
     // A hundred callers during the storm: still one fetch, one request per backoff step.
-    let callers: Vec<_> = (0..100)
-        .map(|_| {
-            let provider = provider.clone();
-            tokio::spawn(async move { provider.token(&identity(), ARM).await })
-        })
-        .collect();
-    for caller in callers {
-        caller
-            .await
-            .unwrap()
-            .expect("the storm passes and the token arrives");
+    for answer in concurrently(&provider, std::iter::repeat_n(identity(), 100)).await {
+        answer.expect("the storm passes and the token arrives");
     }
 
     assert_eq!(emulator.token_requests(), 5, "four 429s, then success");
@@ -441,18 +444,8 @@ async fn upstream_requests_stay_within_the_concurrency_and_rate_limits() {
     };
     let provider = in_memory_provider(&emulator, config);
 
-    let callers: Vec<_> = (0..40)
-        .map(|n| {
-            let provider = provider.clone();
-            tokio::spawn(async move {
-                provider
-                    .token(&ManagedIdentity::ClientId(format!("client-{n}")), ARM)
-                    .await
-            })
-        })
-        .collect();
-    for caller in callers {
-        caller.await.unwrap().unwrap();
+    for answer in concurrently(&provider, clients(40)).await {
+        answer.expect("every key gets its token");
     }
     let times: Vec<Instant> = emulator
         .requests()
@@ -474,18 +467,8 @@ async fn upstream_requests_stay_within_the_concurrency_and_rate_limits() {
     // Fast upstream: starts are spaced so no second sees more than 20.
     let emulator = Emulator::in_memory();
     let provider = in_memory_provider(&emulator, ProviderConfig::default());
-    let callers: Vec<_> = (0..60)
-        .map(|n| {
-            let provider = provider.clone();
-            tokio::spawn(async move {
-                provider
-                    .token(&ManagedIdentity::ClientId(format!("client-{n}")), ARM)
-                    .await
-            })
-        })
-        .collect();
-    for caller in callers {
-        caller.await.unwrap().unwrap();
+    for answer in concurrently(&provider, clients(60)).await {
+        answer.expect("every key gets its token");
     }
     let times: Vec<Instant> = emulator
         .requests()

@@ -21,6 +21,13 @@ fn status(code: u16, body: &str) -> Response<Bytes> {
     response
 }
 
+/// The form fields of a POST the emulator recorded.
+fn form_fields(request: &emulator::RecordedRequest) -> HashMap<String, String> {
+    form_urlencoded::parse(request.body.as_bytes())
+        .into_owned()
+        .collect()
+}
+
 fn claims(token: &str) -> Value {
     serde_json::from_slice(
         &URL_SAFE_NO_PAD
@@ -284,9 +291,7 @@ async fn workload_identity_exchanges_the_current_federated_token_per_client_id()
         request.path(),
         format!("/{}/oauth2/v2.0/token", emulator::TENANT_ID)
     );
-    let form: HashMap<String, String> = form_urlencoded::parse(request.body.as_bytes())
-        .into_owned()
-        .collect();
+    let form = form_fields(request);
     assert_eq!(form["client_id"], "other-client");
     assert_eq!(form["scope"], "https://management.azure.com/.default");
     assert_eq!(
@@ -309,10 +314,7 @@ async fn workload_identity_exchanges_the_current_federated_token_per_client_id()
         )
         .await
         .unwrap();
-    let form: HashMap<String, String> =
-        form_urlencoded::parse(emulator.requests()[1].body.as_bytes())
-            .into_owned()
-            .collect();
+    let form = form_fields(&emulator.requests()[1]);
     assert_eq!(form["client_id"], "default-client");
     assert!(form["client_assertion"].contains("eyJzdWIiOiJyb3RhdGVkIn0"));
 
@@ -348,10 +350,7 @@ async fn a_service_principal_signs_a_verifiable_client_assertion() {
         )
         .await
         .unwrap();
-    let form: HashMap<String, String> =
-        form_urlencoded::parse(emulator.requests()[0].body.as_bytes())
-            .into_owned()
-            .collect();
+    let form = form_fields(&emulator.requests()[0]);
     let assertion = &form["client_assertion"];
     let parts: Vec<&str> = assertion.split('.').collect();
     let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[0]).unwrap()).unwrap();
@@ -399,10 +398,7 @@ async fn a_service_principal_signs_a_verifiable_client_assertion() {
         )
         .await
         .unwrap();
-    let form: HashMap<String, String> =
-        form_urlencoded::parse(emulator.requests()[1].body.as_bytes())
-            .into_owned()
-            .collect();
+    let form = form_fields(&emulator.requests()[1]);
     assert_eq!(form["client_secret"], "s3cret");
     let other = secret
         .fetch_once(

@@ -1,0 +1,326 @@
+//! `azgate.yaml`: what `azgate serve` runs. Parsed strictly (unknown fields are errors) and
+//! validated up front; every error names the field.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A configuration error naming the field.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// Dotted path of the field (or the file).
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn error(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Listeners (at least one).
+    pub listeners: Vec<ListenerConfig>,
+    /// Admin listener (readiness and Prometheus metrics); loopback recommended.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    /// The filter.
+    pub filter: FilterConfig,
+    /// Worker threads, each with its own VM; default: one per CPU.
+    #[serde(default)]
+    pub workers: Option<usize>,
+    /// Clusters the filter may call with `proxy_http_call`.
+    #[serde(default)]
+    pub clusters: BTreeMap<String, ClusterConfig>,
+    /// Where the in-process token service gets tokens (for `token_service` clusters).
+    #[serde(default)]
+    pub token_source: Option<TokenSourceConfig>,
+    /// Forwarding to Azure.
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+}
+
+/// One listener.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Name used in logs and metrics.
+    #[serde(default = "default_listener_name")]
+    pub name: String,
+    /// Address; port 0 picks a free port (printed at start).
+    pub address: SocketAddr,
+    /// TLS; required unless `plaintext_behind_trusted_front` is set.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Accept plain HTTP because a trusted TLS front (which sets XFCC) terminates TLS.
+    /// Off by default: client-supplied XFCC is then trusted as is.
+    #[serde(default)]
+    pub plaintext_behind_trusted_front: bool,
+}
+
+fn default_listener_name() -> String {
+    "azgate".into()
+}
+
+/// Server TLS and client-certificate verification.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// CA certificates client certificates must chain to (PEM files).
+    pub client_ca: Vec<PathBuf>,
+    /// `required` (default) or `optional` (then the filter answers MissingClientCertificate).
+    #[serde(default)]
+    pub client_certificate: ClientCertificateMode,
+    /// Accept expired or not-yet-valid client certificates so the filter's own check answers.
+    /// For tests of the filter only.
+    #[serde(default)]
+    pub accept_expired_client_certificates: bool,
+}
+
+/// Whether clients must present a certificate.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientCertificateMode {
+    /// The TLS handshake fails without one.
+    #[default]
+    Required,
+    /// Verified if presented.
+    Optional,
+}
+
+/// The admin listener.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address (loopback recommended).
+    pub address: SocketAddr,
+}
+
+/// The proxy-wasm filter.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// The `.wasm` file.
+    pub path: PathBuf,
+    /// `plugin_name` (default `azgate`).
+    #[serde(default = "default_filter_name")]
+    pub name: String,
+    /// `plugin_root_id` (default `azgate`).
+    #[serde(default = "default_filter_name")]
+    pub root_id: String,
+    /// `vm_id` (default `azgate`).
+    #[serde(default = "default_filter_name")]
+    pub vm_id: String,
+    /// The plugin configuration (for azgate's filter: its JSON configuration, as YAML or JSON).
+    #[serde(default)]
+    pub config: Option<serde_json::Value>,
+    /// Teleport role YAML files appended to `config.roles` (kind: role, v5–v7).
+    #[serde(default)]
+    pub role_files: Vec<PathBuf>,
+    /// Directory for compiled code, so restarts skip compilation; none disables.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+fn default_filter_name() -> String {
+    "azgate".into()
+}
+
+/// A cluster.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Served in-process by the token module (no network hop).
+    #[serde(default)]
+    pub token_service: bool,
+    /// Otherwise: a plain-HTTP endpoint.
+    #[serde(default)]
+    pub address: Option<SocketAddr>,
+}
+
+/// The token source of the in-process token service.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSourceConfig {
+    /// IMDS scheme and host (default `http://169.254.169.254`).
+    #[serde(default)]
+    pub imds_endpoint: Option<String>,
+}
+
+/// Forwarding to Azure.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Extra CA certificates trusted for upstreams, besides the system roots (PEM files).
+    #[serde(default)]
+    pub extra_ca: Vec<PathBuf>,
+    /// Host name → address, like `curl --resolve`: tests send Azure names to a loopback fake.
+    #[serde(default)]
+    pub resolve: BTreeMap<String, SocketAddr>,
+    /// Connect timeout, ms (default 5000).
+    #[serde(default)]
+    pub connect_timeout_ms: Option<u64>,
+    /// Time to the response headers, ms (default 60000).
+    #[serde(default)]
+    pub request_timeout_ms: Option<u64>,
+    /// Largest request body forwarded, bytes (default 32 MiB).
+    #[serde(default)]
+    pub max_request_body_bytes: Option<u64>,
+}
+
+impl ServeConfig {
+    /// Reads and validates `path`; relative paths in it are relative to its directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| error(path.display().to_string(), e.to_string()))?;
+        let mut config: Self = serde_yaml::from_str(&text).map_err(|e| {
+            let field = e
+                .location()
+                .map(|l| format!("{} line {}", path.display(), l.line()))
+                .unwrap_or_else(|| path.display().to_string());
+            error(field, e.to_string())
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        for listener in &mut self.listeners {
+            if let Some(tls) = &mut listener.tls {
+                fix(&mut tls.cert);
+                fix(&mut tls.key);
+                tls.client_ca.iter_mut().for_each(fix);
+            }
+        }
+        fix(&mut self.filter.path);
+        self.filter.role_files.iter_mut().for_each(fix);
+        if let Some(dir) = &mut self.filter.cache_dir {
+            fix(dir);
+        }
+        self.upstream.extra_ca.iter_mut().for_each(fix);
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.listeners.is_empty() {
+            return Err(error("listeners", "at least one listener is required"));
+        }
+        for (i, listener) in self.listeners.iter().enumerate() {
+            match (&listener.tls, listener.plaintext_behind_trusted_front) {
+                (None, false) => {
+                    return Err(error(
+                        format!("listeners[{i}].tls"),
+                        "required (or set plaintext_behind_trusted_front behind a TLS front that sets XFCC)",
+                    ));
+                }
+                (Some(_), true) => {
+                    return Err(error(
+                        format!("listeners[{i}].plaintext_behind_trusted_front"),
+                        "cannot be combined with tls",
+                    ));
+                }
+                (Some(tls), false) if tls.client_ca.is_empty() => {
+                    return Err(error(format!("listeners[{i}].tls.client_ca"), "at least one CA file is required"));
+                }
+                _ => {}
+            }
+        }
+        if self.workers == Some(0) {
+            return Err(error("workers", "must be at least 1"));
+        }
+        for (name, cluster) in &self.clusters {
+            match (cluster.token_service, cluster.address) {
+                (true, Some(_)) => {
+                    return Err(error(format!("clusters.{name}"), "set token_service or address, not both"));
+                }
+                (false, None) => {
+                    return Err(error(format!("clusters.{name}"), "needs token_service: true or an address"));
+                }
+                _ => {}
+            }
+        }
+        if self.upstream.max_request_body_bytes == Some(0) {
+            return Err(error("upstream.max_request_body_bytes", "must be positive"));
+        }
+        Ok(())
+    }
+
+    /// The plugin configuration bytes: `filter.config` with the roles of `filter.role_files`
+    /// appended to its `roles`.
+    pub fn plugin_config(&self) -> Result<Vec<u8>, ConfigError> {
+        let mut config = self
+            .filter
+            .config
+            .clone()
+            .unwrap_or_else(|| serde_json::json!({}));
+        if !self.filter.role_files.is_empty() {
+            let Some(object) = config.as_object_mut() else {
+                return Err(error("filter.config", "must be a mapping to add role files"));
+            };
+            let roles = object
+                .entry("roles")
+                .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+            let Some(roles) = roles.as_array_mut() else {
+                return Err(error("filter.config.roles", "must be a list"));
+            };
+            for file in &self.filter.role_files {
+                roles.extend(read_role_file(file)?);
+            }
+        }
+        serde_json::to_vec(&config).map_err(|e| error("filter.config", e.to_string()))
+    }
+}
+
+/// Reads a Teleport role YAML file (one or several `---`-separated documents).
+pub fn read_role_file(path: &Path) -> Result<Vec<serde_json::Value>, ConfigError> {
+    let field = format!("filter.role_files: {}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|e| error(&field, e.to_string()))?;
+    let mut roles = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let value: serde_json::Value =
+            serde_json::Value::deserialize(document).map_err(|e| error(&field, e.to_string()))?;
+        if value.is_null() {
+            continue;
+        }
+        if value["kind"] != "role" {
+            return Err(error(&field, format!("expected kind: role, got {}", value["kind"])));
+        }
+        match value["version"].as_str() {
+            Some("v5" | "v6" | "v7") => {}
+            other => {
+                return Err(error(
+                    &field,
+                    format!("unsupported role version {other:?} (v5, v6 or v7)"),
+                ));
+            }
+        }
+        roles.push(value);
+    }
+    Ok(roles)
+}
