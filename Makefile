@@ -34,10 +34,11 @@ build:
 ## Everything: unit tests, the filter in the real Envoy, real Azure clients.
 test: wasm envoy test-unit test-filter test-clients
 
-test-unit:
-	$(CARGO) test -p azgate-filter -p azgate
+test-unit: wasm
+	$(CARGO) test -p azgate-filter -p azgate -p azgate-wasmhost
 
 test-filter: wasm envoy
+	$(CARGO) build -p azgate
 	$(CARGO) test -p azgate-tests --test filter
 
 test-clients:

@@ -7,6 +7,7 @@
 //!   Entra token endpoint, with switchable faults, for tests and demos.
 
 pub mod emulator;
+pub mod serve;
 pub mod token;
 
 mod civil_time;

@@ -36,6 +36,13 @@ enum Command {
     /// (`GET /metadata/identity/oauth2/token`, `Metadata: true`), cached with refresh-ahead and
     /// single-flight; `/metrics` has Prometheus counters.
     TokenService(Box<TokenServiceArgs>),
+    /// Run the filter inside wasmtime as an mTLS gateway in front of Azure
+    /// (see README: `azgate.yaml`). Stops on SIGTERM/SIGINT after draining.
+    Serve {
+        /// The gateway configuration file.
+        #[arg(long, default_value = "azgate.yaml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -138,6 +145,12 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             tracing::info!(addr = %emulator.local_addr(), "IMDS emulator serving");
             shutdown_signal().await;
             emulator.shutdown();
+            Ok(())
+        }
+        Command::Serve { config } => {
+            let config = azgate::serve::ServeConfig::load(&config)
+                .map_err(|e| format!("invalid configuration: {e}"))?;
+            azgate::serve::run(config).await?;
             Ok(())
         }
         Command::TokenService(args) => {

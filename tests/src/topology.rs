@@ -29,16 +29,19 @@ pub const AZURE_HOSTS: &[&str] = &[
 pub enum Runtime {
     /// The real Envoy binary with the V8 runtime.
     Envoy,
+    /// `azgate serve`: the filter in wasmtime.
+    Serve,
 }
 
 impl Runtime {
     /// Runtimes selected by `AZGATE_RUNTIMES` (comma-separated; default: all that exist).
     pub fn selected() -> Vec<Runtime> {
-        let wanted = std::env::var("AZGATE_RUNTIMES").unwrap_or_else(|_| "envoy".into());
+        let wanted = std::env::var("AZGATE_RUNTIMES").unwrap_or_else(|_| "envoy,serve".into());
         wanted
             .split(',')
             .filter_map(|name| match name.trim() {
                 "envoy" => Some(Runtime::Envoy),
+                "serve" => Some(Runtime::Serve),
                 _ => None,
             })
             .collect()
@@ -48,6 +51,7 @@ impl Runtime {
     pub fn name(self) -> &'static str {
         match self {
             Runtime::Envoy => "envoy",
+            Runtime::Serve => "serve",
         }
     }
 }
@@ -67,6 +71,20 @@ pub fn envoy_binary() -> Result<PathBuf> {
         .unwrap_or_else(|| repo_root().join(".tools/envoy/envoy/_bin/envoy"));
     if !path.exists() {
         bail!("Envoy not found at {} (run `make envoy`)", path.display());
+    }
+    Ok(path)
+}
+
+/// The `azgate` binary: `$AZGATE_BIN`, or the debug build (`cargo build -p azgate`).
+pub fn azgate_binary() -> Result<PathBuf> {
+    let path = std::env::var_os("AZGATE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/debug/azgate"));
+    if !path.exists() {
+        bail!(
+            "azgate not built at {} (run `cargo build -p azgate`)",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -125,11 +143,7 @@ impl Topology {
         let azure_cert = ca.server(AZURE_HOSTS)?;
         let azure = FakeAzure::start(&azure_cert).await?;
         let gateway_cert = ca.server(&["localhost"])?;
-        let gateway = match runtime {
-            Runtime::Envoy => {
-                Gateway::start_envoy(&ca, &gateway_cert, &imds, &azure, &options).await?
-            }
-        };
+        let gateway = Gateway::start(runtime, &ca, &gateway_cert, &imds, &azure, &options).await?;
         Ok(Self {
             ca,
             imds,
@@ -155,7 +169,8 @@ impl Topology {
 }
 
 impl Gateway {
-    async fn start_envoy(
+    async fn start(
+        runtime: Runtime,
         ca: &TestCa,
         gateway_cert: &Issued,
         imds: &Emulator,
@@ -163,7 +178,8 @@ impl Gateway {
         options: &Options,
     ) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!(
-            "azgate-envoy-{}-{}",
+            "azgate-{}-{}-{}",
+            runtime.name(),
             std::process::id(),
             NEXT_DIR.fetch_add(1, Ordering::Relaxed)
         ));
@@ -178,33 +194,23 @@ impl Gateway {
         let mtls = free_port()?;
         let lenient = free_port()?;
         let admin = free_port()?;
-        let template = std::fs::read_to_string(repo_root().join("envoy/test-topology.yaml"))
-            .context("envoy/test-topology.yaml")?;
-        let plugin_config = &options.plugin_config;
-        let config = template
-            .replace("${MTLS_PORT}", &mtls.port().to_string())
-            .replace("${LENIENT_PORT}", &lenient.port().to_string())
-            .replace("${ADMIN_PORT}", &admin.port().to_string())
-            .replace("${IMDS_PORT}", &imds.local_addr().port().to_string())
-            .replace("${UPSTREAM_PORT}", &azure.addr().port().to_string())
-            .replace("${CERT_DIR}", &dir.display().to_string())
-            .replace("${WASM_PATH}", &filter_wasm()?.display().to_string())
-            .replace("${PLUGIN_CONFIG}", &serde_json::to_string(plugin_config)?);
-        let config_path = dir.join("envoy.yaml");
-        tokio::fs::write(&config_path, config).await?;
-        let log = dir.join("envoy.log");
+        let ports = Ports {
+            mtls,
+            lenient,
+            admin,
+        };
+        let mut command = match runtime {
+            Runtime::Envoy => envoy_command(&dir, &ports, imds, azure, options).await?,
+            Runtime::Serve => serve_command(&dir, &ports, imds, azure, options).await?,
+        };
+        let log = dir.join("gateway.log");
         let log_file = std::fs::File::create(&log)?;
-        let child = Command::new(envoy_binary()?)
-            .arg("-c")
-            .arg(&config_path)
-            .args(["--disable-hot-restart", "--log-level", "info"])
-            .arg("--concurrency")
-            .arg(options.concurrency.to_string())
+        let child = command
             .stdout(Stdio::null())
             .stderr(log_file)
             .kill_on_drop(true)
             .spawn()
-            .context("starting envoy")?;
+            .with_context(|| format!("starting {}", runtime.name()))?;
         let mut gateway = Self {
             mtls,
             lenient,
@@ -215,7 +221,106 @@ impl Gateway {
         gateway.wait_ready(admin).await?;
         Ok(gateway)
     }
+}
 
+/// The ports a gateway listens on.
+struct Ports {
+    mtls: SocketAddr,
+    lenient: SocketAddr,
+    admin: SocketAddr,
+}
+
+/// Envoy with `envoy/test-topology.yaml`.
+async fn envoy_command(
+    dir: &Path,
+    ports: &Ports,
+    imds: &Emulator,
+    azure: &FakeAzure,
+    options: &Options,
+) -> Result<Command> {
+    let (mtls, lenient, admin) = (ports.mtls, ports.lenient, ports.admin);
+    let template = std::fs::read_to_string(repo_root().join("envoy/test-topology.yaml"))
+        .context("envoy/test-topology.yaml")?;
+    let plugin_config = &options.plugin_config;
+    let config = template
+        .replace("${MTLS_PORT}", &mtls.port().to_string())
+        .replace("${LENIENT_PORT}", &lenient.port().to_string())
+        .replace("${ADMIN_PORT}", &admin.port().to_string())
+        .replace("${IMDS_PORT}", &imds.local_addr().port().to_string())
+        .replace("${UPSTREAM_PORT}", &azure.addr().port().to_string())
+        .replace("${CERT_DIR}", &dir.display().to_string())
+        .replace("${WASM_PATH}", &filter_wasm()?.display().to_string())
+        .replace("${PLUGIN_CONFIG}", &serde_json::to_string(plugin_config)?);
+    let config_path = dir.join("envoy.yaml");
+    tokio::fs::write(&config_path, config).await?;
+    let mut command = Command::new(envoy_binary()?);
+    command
+        .arg("-c")
+        .arg(&config_path)
+        .args(["--disable-hot-restart", "--log-level", "info"])
+        .arg("--concurrency")
+        .arg(options.concurrency.to_string());
+    Ok(command)
+}
+
+/// `azgate serve` with the same topology written as `azgate.yaml`.
+async fn serve_command(
+    dir: &Path,
+    ports: &Ports,
+    imds: &Emulator,
+    azure: &FakeAzure,
+    options: &Options,
+) -> Result<Command> {
+    let resolve: serde_json::Map<String, serde_json::Value> = [
+        "management.azure.com",
+        "myvault.vault.azure.net",
+        "graph.microsoft.com",
+        "management.usgovcloudapi.net",
+        "management.chinacloudapi.cn",
+    ]
+    .iter()
+    .map(|host| (host.to_string(), azure.addr().to_string().into()))
+    .collect();
+    // The plugin configuration goes in as YAML data; text that is not JSON is passed as a
+    // string, which the filter refuses just as Envoy's copy would.
+    let plugin: serde_json::Value = serde_json::from_str(&options.plugin_config)
+        .unwrap_or_else(|_| serde_json::Value::String(options.plugin_config.clone()));
+    let tls = |lenient: bool| {
+        let mut tls = serde_json::json!({
+            "cert": dir.join("gateway.crt"),
+            "key": dir.join("gateway.key"),
+            "client_ca": [dir.join("ca.crt")],
+        });
+        if lenient {
+            tls["client_certificate"] = "optional".into();
+            tls["accept_expired_client_certificates"] = true.into();
+        }
+        tls
+    };
+    let config = serde_json::json!({
+        "workers": options.concurrency,
+        "listeners": [
+            {"name": "azgate_mtls", "address": ports.mtls.to_string(), "tls": tls(false)},
+            {"name": "azgate_lenient", "address": ports.lenient.to_string(), "tls": tls(true)},
+        ],
+        "admin": {"address": ports.admin.to_string()},
+        "filter": {"path": filter_wasm()?, "config": plugin},
+        "clusters": {"azgate_msi": {"address": imds.local_addr().to_string()}},
+        "upstream": {"extra_ca": [dir.join("ca.crt")], "resolve": resolve},
+    });
+    // JSON is YAML.
+    let config_path = dir.join("azgate.yaml");
+    tokio::fs::write(&config_path, serde_json::to_string_pretty(&config)?).await?;
+    let mut command = Command::new(azgate_binary()?);
+    command
+        .arg("serve")
+        .arg("--config")
+        .arg(&config_path)
+        .env("AZGATE_LOG", "info");
+    Ok(command)
+}
+
+impl Gateway {
     /// Waits until the admin endpoint says LIVE, or fails with the gateway's log.
     async fn wait_ready(&mut self, admin: SocketAddr) -> Result<()> {
         let client = reqwest::Client::builder().no_proxy().build()?;
@@ -276,7 +381,7 @@ pub fn free_port() -> Result<SocketAddr> {
 
 /// Starts a gateway with `plugin_config` expecting it to refuse to start; returns the error,
 /// which includes the gateway's log.
-pub async fn start_expecting_failure(plugin_config: &str) -> Result<String> {
+pub async fn start_expecting_failure(runtime: Runtime, plugin_config: &str) -> Result<String> {
     let ca = TestCa::new("azgate test CA")?;
     let imds = Emulator::start("127.0.0.1:0".parse()?).await?;
     let azure = FakeAzure::start(&ca.server(AZURE_HOSTS)?).await?;
@@ -284,7 +389,16 @@ pub async fn start_expecting_failure(plugin_config: &str) -> Result<String> {
         plugin_config: plugin_config.to_string(),
         concurrency: 1,
     };
-    match Gateway::start_envoy(&ca, &ca.server(&["localhost"])?, &imds, &azure, &options).await {
+    match Gateway::start(
+        runtime,
+        &ca,
+        &ca.server(&["localhost"])?,
+        &imds,
+        &azure,
+        &options,
+    )
+    .await
+    {
         Ok(gateway) => bail!(
             "gateway started with a bad configuration:\n{}",
             gateway.log_tail()

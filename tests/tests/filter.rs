@@ -630,7 +630,7 @@ async fn run_special(kind: Special, shared: &Shared, suite: &Suite) -> Result<()
         }
         Special::Unauthenticated => unauthenticated(shared.get().await?, suite).await,
         Special::Audit => audit(shared.get().await?, suite).await,
-        Special::BadConfig => bad_config().await,
+        Special::BadConfig => bad_config(shared.runtime).await,
     }
 }
 
@@ -770,10 +770,16 @@ async fn audit(topology: &Topology, suite: &Suite) -> Result<()> {
     // The log is written asynchronously by the gateway.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let log = topology.gateway.log();
+    // The JSON object is embedded in each runtime's own log line format.
     let lines: Vec<serde_json::Value> = log
         .lines()
         .filter_map(|l| l.find("{\"").map(|i| &l[i..]))
-        .filter_map(|json| serde_json::from_str(json).ok())
+        .filter_map(|json| {
+            serde_json::Deserializer::from_str(json)
+                .into_iter::<serde_json::Value>()
+                .next()?
+                .ok()
+        })
         .filter(|v: &serde_json::Value| v["event"] == "azgate.request")
         .collect();
     let allowed = lines
@@ -819,7 +825,7 @@ async fn audit(topology: &Topology, suite: &Suite) -> Result<()> {
     Ok(())
 }
 
-async fn bad_config() -> Result<()> {
+async fn bad_config(runtime: Runtime) -> Result<()> {
     for (config, field) in [
         (
             r#"{"roles": [], "token_timeout_ms": 0}"#,
@@ -835,7 +841,7 @@ async fn bad_config() -> Result<()> {
         ),
         ("not json", "(document)"),
     ] {
-        let failure = topology::start_expecting_failure(config).await?;
+        let failure = topology::start_expecting_failure(runtime, config).await?;
         ensure!(
             failure.contains(&format!("invalid plugin configuration: {field}")),
             "the start failure does not name {field}:\n{failure}"

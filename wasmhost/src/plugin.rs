@@ -274,6 +274,11 @@ impl Vm {
         }
     }
 
+    /// This VM's process-unique id (owner of the shared queues it registers).
+    pub fn uid(&self) -> u64 {
+        self.store.data().vm_uid
+    }
+
     /// True once a callback trapped: the VM must be replaced.
     pub fn is_failed(&self) -> bool {
         self.failed.is_some()

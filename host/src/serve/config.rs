@@ -246,7 +246,10 @@ impl ServeConfig {
                     ));
                 }
                 (Some(tls), false) if tls.client_ca.is_empty() => {
-                    return Err(error(format!("listeners[{i}].tls.client_ca"), "at least one CA file is required"));
+                    return Err(error(
+                        format!("listeners[{i}].tls.client_ca"),
+                        "at least one CA file is required",
+                    ));
                 }
                 _ => {}
             }
@@ -257,10 +260,16 @@ impl ServeConfig {
         for (name, cluster) in &self.clusters {
             match (cluster.token_service, cluster.address) {
                 (true, Some(_)) => {
-                    return Err(error(format!("clusters.{name}"), "set token_service or address, not both"));
+                    return Err(error(
+                        format!("clusters.{name}"),
+                        "set token_service or address, not both",
+                    ));
                 }
                 (false, None) => {
-                    return Err(error(format!("clusters.{name}"), "needs token_service: true or an address"));
+                    return Err(error(
+                        format!("clusters.{name}"),
+                        "needs token_service: true or an address",
+                    ));
                 }
                 _ => {}
             }
@@ -281,7 +290,10 @@ impl ServeConfig {
             .unwrap_or_else(|| serde_json::json!({}));
         if !self.filter.role_files.is_empty() {
             let Some(object) = config.as_object_mut() else {
-                return Err(error("filter.config", "must be a mapping to add role files"));
+                return Err(error(
+                    "filter.config",
+                    "must be a mapping to add role files",
+                ));
             };
             let roles = object
                 .entry("roles")
@@ -309,7 +321,10 @@ pub fn read_role_file(path: &Path) -> Result<Vec<serde_json::Value>, ConfigError
             continue;
         }
         if value["kind"] != "role" {
-            return Err(error(&field, format!("expected kind: role, got {}", value["kind"])));
+            return Err(error(
+                &field,
+                format!("expected kind: role, got {}", value["kind"]),
+            ));
         }
         match value["version"].as_str() {
             Some("v5" | "v6" | "v7") => {}

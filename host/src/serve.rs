@@ -1,0 +1,315 @@
+//! `azgate serve`: the filter inside wasmtime as an mTLS gateway.
+//!
+//! One compiled plugin; one worker thread per CPU, each with its own current-thread runtime and
+//! VM (as Envoy runs one VM per worker); every listener socket is shared by the workers, which
+//! accept on it in turn. Call-outs to `token_service` clusters are answered in-process by the
+//! token module. SIGTERM/SIGINT stop accepting and drain in-flight requests.
+
+mod config;
+mod error;
+mod proxy;
+mod stats;
+mod tls;
+mod upstream;
+mod worker;
+
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use azgate_wasmhost::{Plugin, PluginOptions, SharedStores};
+use bytes::Bytes;
+use http::{Request, Response};
+use tokio::sync::watch;
+
+pub use config::{ConfigError, ServeConfig, read_role_file};
+pub use error::ServeError;
+pub use stats::WorkerStats;
+
+use crate::token::{HyperClient, ProviderConfig, Source, TokenProvider, TokenService};
+
+/// How long in-flight requests may take to finish after a stop signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs the gateway until SIGTERM or SIGINT.
+pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let running = start(config, stop_rx).await?;
+    shutdown_signal().await;
+    tracing::info!("stopping: no new connections; draining in-flight requests");
+    let _ = stop_tx.send(true);
+    running.join().await;
+    Ok(())
+}
+
+/// A started gateway.
+pub struct Running {
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Waits for every worker to drain and stop.
+    pub async fn join(self) {
+        for thread in self.threads {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+/// Starts listeners, workers and the admin listener; stops when `stop` becomes true.
+pub async fn start(
+    config: ServeConfig,
+    stop: watch::Receiver<bool>,
+) -> Result<Running, ServeError> {
+    let wasm = std::fs::read(&config.filter.path).map_err(|e| {
+        ServeError::Config(format!("filter.path {}: {e}", config.filter.path.display()))
+    })?;
+    let plugin_config = config
+        .plugin_config()
+        .map_err(|e| ServeError::Config(e.to_string()))?;
+    let token_clusters: Vec<String> = config
+        .clusters
+        .iter()
+        .filter(|(_, c)| c.token_service)
+        .map(|(name, _)| name.clone())
+        .collect();
+    let addresses: HashMap<String, std::net::SocketAddr> = config
+        .clusters
+        .iter()
+        .filter_map(|(name, c)| c.address.map(|a| (name.clone(), a)))
+        .collect();
+    let token_service = if token_clusters.is_empty() {
+        None
+    } else {
+        let endpoint = config
+            .token_source
+            .as_ref()
+            .and_then(|s| s.imds_endpoint.clone())
+            .unwrap_or_else(|| "http://169.254.169.254".into());
+        let client = HyperClient::new().map_err(|e| ServeError::Config(e.to_string()))?;
+        let provider = TokenProvider::new(
+            Source::Imds { endpoint },
+            Arc::new(client),
+            ProviderConfig::default(),
+        );
+        Some(Arc::new(TokenService::new(provider)))
+    };
+    let clusters = Arc::new(upstream::Clusters::new(
+        token_service.clone(),
+        token_clusters,
+        addresses,
+    ));
+    let options = PluginOptions {
+        name: config.filter.name.clone(),
+        root_id: config.filter.root_id.clone(),
+        vm_id: config.filter.vm_id.clone(),
+        plugin_config,
+        vm_config: Vec::new(),
+        clusters: clusters.names(),
+        log_level: 2,
+        cache_dir: config.filter.cache_dir.clone(),
+    };
+    let compile_started = Instant::now();
+    let plugin = Arc::new(
+        Plugin::load(&wasm, options, SharedStores::default()).map_err(ServeError::Filter)?,
+    );
+    // Refuse to start on a configuration the filter refuses, before binding anything.
+    drop(plugin.start_vm().map_err(ServeError::Filter)?);
+    tracing::info!(
+        elapsed_ms = compile_started.elapsed().as_millis() as u64,
+        "filter loaded"
+    );
+
+    let mut listeners = Vec::new();
+    for listener in &config.listeners {
+        let socket = std::net::TcpListener::bind(listener.address)?;
+        socket.set_nonblocking(true)?;
+        let tls = match &listener.tls {
+            Some(tls_config) => Some(tls::server_config(tls_config)?),
+            None => {
+                tracing::warn!(listener = %listener.name, "plaintext listener: trusting the client-supplied XFCC of the TLS front");
+                None
+            }
+        };
+        println!("listener {} on {}", listener.name, socket.local_addr()?);
+        listeners.push((socket, tls));
+    }
+
+    let workers = config.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let ready = Arc::new(AtomicUsize::new(0));
+    let mut all_stats = Vec::new();
+    let mut threads = Vec::new();
+    for index in 0..workers {
+        let stats = Arc::new(WorkerStats::default());
+        all_stats.push(stats.clone());
+        let mut specs = Vec::new();
+        for (socket, tls) in &listeners {
+            specs.push(proxy::ListenerSpec {
+                listener: socket.try_clone()?,
+                tls: tls.clone(),
+            });
+        }
+        let (plugin, clusters, stop, ready) = (
+            plugin.clone(),
+            clusters.clone(),
+            stop.clone(),
+            ready.clone(),
+        );
+        let upstream = config.upstream.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("azgate-worker-{index}"))
+            .spawn(move || {
+                if let Err(error) =
+                    run_worker(plugin, clusters, stats, specs, upstream, stop, ready)
+                {
+                    tracing::error!(%error, worker = index, "worker stopped");
+                }
+            })?;
+        threads.push(thread);
+    }
+    if let Some(admin) = &config.admin {
+        let listener = tokio::net::TcpListener::bind(admin.address).await?;
+        println!("admin on {}", listener.local_addr()?);
+        tokio::spawn(serve_admin(
+            listener,
+            all_stats,
+            ready,
+            workers,
+            token_service,
+            stop.clone(),
+        ));
+    }
+    Ok(Running { threads })
+}
+
+fn run_worker(
+    plugin: Arc<Plugin>,
+    clusters: Arc<upstream::Clusters>,
+    stats: Arc<WorkerStats>,
+    specs: Vec<proxy::ListenerSpec>,
+    upstream_config: config::UpstreamConfig,
+    stop: watch::Receiver<bool>,
+    ready: Arc<AtomicUsize>,
+) -> Result<(), ServeError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        let vm = plugin.start_vm().map_err(ServeError::Filter)?;
+        let client = upstream::azure_client(
+            &upstream_config.extra_ca,
+            &upstream_config.resolve,
+            Duration::from_millis(upstream_config.connect_timeout_ms.unwrap_or(5_000)),
+        )?;
+        let forwarding = Rc::new(proxy::Forwarding {
+            client,
+            request_timeout: Duration::from_millis(
+                upstream_config.request_timeout_ms.unwrap_or(60_000),
+            ),
+            max_request_body_bytes: upstream_config.max_request_body_bytes.unwrap_or(32 << 20)
+                as usize,
+        });
+        let worker = worker::Worker::new(plugin, vm, clusters, stats.clone());
+        let mut accepting = Vec::new();
+        for spec in specs {
+            accepting.push(tokio::task::spawn_local(proxy::serve_listener(
+                worker.clone(),
+                forwarding.clone(),
+                spec,
+                stop.clone(),
+            )));
+        }
+        ready.fetch_add(1, Ordering::SeqCst);
+        for task in accepting {
+            let _ = task.await;
+        }
+        // Stopped accepting: let in-flight requests finish.
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while stats.current() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    })
+}
+
+async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    stats: Vec<Arc<WorkerStats>>,
+    ready: Arc<AtomicUsize>,
+    workers: usize,
+    token_service: Option<Arc<TokenService>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let stats = Arc::new(stats);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.changed() => return,
+        };
+        let Ok((tcp, _)) = accepted else { continue };
+        let (stats, ready, token_service) = (stats.clone(), ready.clone(), token_service.clone());
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let (stats, ready, token_service) =
+                        (stats.clone(), ready.clone(), token_service.clone());
+                    async move {
+                        let response = match request.uri().path() {
+                            "/ready" if ready.load(Ordering::SeqCst) >= workers => {
+                                text(200, "LIVE\n".into())
+                            }
+                            "/ready" => text(503, "STARTING\n".into()),
+                            "/metrics" => {
+                                let mut body = stats::render(&stats);
+                                if let Some(service) = token_service {
+                                    let request = Request::get("/metrics").body(Bytes::new());
+                                    if let Ok(request) = request {
+                                        let metrics = service.handle(request).await;
+                                        body.push_str(&String::from_utf8_lossy(metrics.body()));
+                                    }
+                                }
+                                text(200, body)
+                            }
+                            _ => text(404, "not found\n".into()),
+                        };
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+fn text(status: u16, body: String) -> Response<http_body_util::Full<Bytes>> {
+    let mut response = Response::new(http_body_util::Full::new(Bytes::from(body)));
+    *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+    response.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}

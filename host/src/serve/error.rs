@@ -1,0 +1,87 @@
+//! Errors of `azgate serve`: start-up failures and the answers a request gets when the gateway
+//! (not the filter) cannot serve it.
+
+use std::fmt;
+
+/// What went wrong in the gateway.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// `azgate.yaml` or a file it names is unusable. Start-up only.
+    Config(String),
+    /// The filter could not be loaded or started. Start-up: exit; at run time: 503.
+    Filter(azgate_wasmhost::HostError),
+    /// A socket could not be bound or served. Start-up only.
+    Io(std::io::Error),
+    /// The request body is larger than `upstream.max_request_body_bytes`. 413 `RequestTooLarge`.
+    RequestTooLarge,
+    /// The filter left the request without a usable `:authority` or `:path`. 500 `InvalidUpstreamRequest`.
+    InvalidUpstreamRequest(String),
+    /// The filter closed the stream. 503 `StreamClosed`.
+    StreamClosed,
+    /// No response headers from Azure in time. 504 `UpstreamTimeout`.
+    UpstreamTimeout,
+    /// Azure could not be reached or reset the stream. 503 `UpstreamUnavailable`.
+    UpstreamUnavailable(String),
+}
+
+impl ServeError {
+    /// HTTP status of the answer.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::RequestTooLarge => 413,
+            Self::InvalidUpstreamRequest(_) | Self::Config(_) | Self::Io(_) => 500,
+            Self::Filter(e) => e.status(),
+            Self::StreamClosed | Self::UpstreamUnavailable(_) => 503,
+            Self::UpstreamTimeout => 504,
+        }
+    }
+
+    /// Azure-style error code of the answer (also the `x-azgate-error` header).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Config(_) | Self::Io(_) => "InternalError",
+            Self::Filter(e) => e.code(),
+            Self::RequestTooLarge => "RequestTooLarge",
+            Self::InvalidUpstreamRequest(_) => "InvalidUpstreamRequest",
+            Self::StreamClosed => "StreamClosed",
+            Self::UpstreamTimeout => "UpstreamTimeout",
+            Self::UpstreamUnavailable(_) => "UpstreamUnavailable",
+        }
+    }
+
+    /// The Azure-style JSON body.
+    pub fn body(&self) -> String {
+        let message = match self {
+            // The detail of a trap or a config problem goes to the log, not to the client.
+            Self::Filter(_) => {
+                "azgate: the request filter failed; the request was not forwarded".to_string()
+            }
+            other => format!("azgate: {other}"),
+        };
+        serde_json::json!({"error": {"code": self.code(), "message": message}}).to_string()
+    }
+}
+
+impl fmt::Display for ServeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Config(e) => write!(f, "configuration: {e}"),
+            Self::Filter(e) => write!(f, "{e}"),
+            Self::Io(e) => write!(f, "{e}"),
+            Self::RequestTooLarge => write!(f, "the request body is too large"),
+            Self::InvalidUpstreamRequest(e) => write!(f, "cannot forward the request: {e}"),
+            Self::StreamClosed => write!(f, "the request filter closed the stream"),
+            Self::UpstreamTimeout => write!(f, "Azure did not answer in time"),
+            Self::UpstreamUnavailable(e) => write!(f, "Azure could not be reached: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ServeError {}
+
+impl From<std::io::Error> for ServeError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
+}

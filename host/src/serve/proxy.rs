@@ -1,0 +1,407 @@
+//! One worker's connections and requests: TLS, XFCC, the filter, and forwarding to Azure.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use azgate_wasmhost::{HeaderList, HostError, LocalResponse, StreamInfo};
+
+use super::error::ServeError;
+use super::tls::{self, PeerCertificate};
+use super::upstream::{AzureClient, BoxError};
+use super::worker::{Outcome, Pending, Worker};
+
+/// Largest request header block accepted (Envoy's `max_request_headers_kb` default).
+const MAX_REQUEST_HEADERS_BYTES: u32 = 60 * 1024;
+
+/// Body of every response the gateway sends.
+pub(crate) type ResponseBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// Per-worker forwarding settings.
+pub(crate) struct Forwarding {
+    pub(crate) client: AzureClient,
+    pub(crate) request_timeout: Duration,
+    pub(crate) max_request_body_bytes: usize,
+}
+
+/// A listener as a worker serves it.
+pub(crate) struct ListenerSpec {
+    pub(crate) listener: std::net::TcpListener,
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// What the gateway knows about a connection.
+struct Connection {
+    peer: SocketAddr,
+    local: SocketAddr,
+    certificate: Option<PeerCertificate>,
+    tls: bool,
+}
+
+/// Runs hyper's HTTP/2 tasks on the worker's thread (the service is not `Send`).
+#[derive(Clone, Copy)]
+struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: Future + 'static,
+{
+    fn execute(&self, future: F) {
+        tokio::task::spawn_local(future);
+    }
+}
+
+/// Accepts connections until `stop` flips.
+pub(crate) async fn serve_listener(
+    worker: Rc<Worker>,
+    forwarding: Rc<Forwarding>,
+    spec: ListenerSpec,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let listener = TcpListener::from_std(spec.listener)?;
+    let acceptor = spec.tls.map(TlsAcceptor::from);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((tcp, peer)) = accepted else { continue };
+                let local = tcp.local_addr().unwrap_or(peer);
+                let _ = tcp.set_nodelay(true);
+                let (worker, forwarding, acceptor) = (worker.clone(), forwarding.clone(), acceptor.clone());
+                tokio::task::spawn_local(async move {
+                    match acceptor {
+                        Some(acceptor) => {
+                            let Ok(stream) = acceptor.accept(tcp).await else { return };
+                            let certificate = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|chain| chain.first())
+                                .map(|der| tls::peer_certificate(der));
+                            let connection = Rc::new(Connection { peer, local, certificate, tls: true });
+                            serve_http(worker, forwarding, connection, TokioIo::new(stream)).await;
+                        }
+                        None => {
+                            let connection = Rc::new(Connection { peer, local, certificate: None, tls: false });
+                            serve_http(worker, forwarding, connection, TokioIo::new(tcp)).await;
+                        }
+                    }
+                });
+            }
+            _ = stop.changed() => return Ok(()),
+        }
+    }
+}
+
+async fn serve_http<I>(
+    worker: Rc<Worker>,
+    forwarding: Rc<Forwarding>,
+    connection: Rc<Connection>,
+    io: I,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+{
+    let service = service_fn(move |request: Request<Incoming>| {
+        let (worker, forwarding, connection) =
+            (worker.clone(), forwarding.clone(), connection.clone());
+        async move { Ok::<_, Infallible>(handle(worker, forwarding, connection, request).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(LocalExec);
+    // Envoy's default header limit (60 KiB), so oversized requests reach the filter's own
+    // check in both runtimes rather than failing in the codec here.
+    builder
+        .http2()
+        .max_header_list_size(MAX_REQUEST_HEADERS_BYTES);
+    builder
+        .http1()
+        .max_buf_size(MAX_REQUEST_HEADERS_BYTES as usize + 4096);
+    let _ = builder.serve_connection(io, service).await;
+}
+
+/// Ends the stream in the VM however the request ends (answered, or dropped by the client).
+struct StreamGuard {
+    worker: Rc<Worker>,
+    id: u32,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.worker.finish_stream(self.id);
+    }
+}
+
+struct InFlight(Rc<Worker>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.stats.in_flight(false);
+    }
+}
+
+async fn handle(
+    worker: Rc<Worker>,
+    forwarding: Rc<Forwarding>,
+    connection: Rc<Connection>,
+    request: Request<Incoming>,
+) -> Response<ResponseBody> {
+    worker.stats.in_flight(true);
+    let _in_flight = InFlight(worker.clone());
+    let headers = request_headers(&request, &connection);
+    let info = StreamInfo {
+        source: Some(connection.peer),
+        destination: Some(connection.local),
+        mtls: connection.certificate.is_some(),
+        peer_subject: connection.certificate.as_ref().map(|c| c.subject.clone()),
+        protocol: match request.version() {
+            http::Version::HTTP_2 => "HTTP/2".into(),
+            http::Version::HTTP_10 => "HTTP/1.0".into(),
+            _ => "HTTP/1.1".into(),
+        },
+        request_id: request_id(),
+        started: Some(SystemTime::now()),
+    };
+    let end_of_stream = request.body().is_end_stream();
+    let (id, pending) = match worker.start_stream(headers, info, end_of_stream) {
+        Ok(started) => started,
+        Err(error) => return answer_error(&worker, &ServeError::Filter(error)),
+    };
+    let _stream = StreamGuard {
+        worker: worker.clone(),
+        id,
+    };
+    let outcome = match pending {
+        Pending::Ready(outcome) => outcome,
+        Pending::Wait(rx) => rx.await.unwrap_or_else(|_| {
+            Outcome::Failed(HostError::Failed("the request was abandoned".into()))
+        }),
+    };
+    match outcome {
+        Outcome::Continue => match forward(&worker, &forwarding, id, request).await {
+            Ok(response) => {
+                worker.stats.request("allow", "Allowed");
+                response
+            }
+            Err(error) => {
+                worker.stats.upstream_error();
+                answer_error(&worker, &error)
+            }
+        },
+        Outcome::Respond(local) => {
+            let code = local
+                .headers
+                .iter()
+                .find(|(k, _)| k == "x-azgate-error")
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_else(|| "LocalResponse".into());
+            worker.stats.request("deny", &code);
+            local_response(local)
+        }
+        Outcome::Close => answer_error(&worker, &ServeError::StreamClosed),
+        Outcome::Failed(error) => answer_error(&worker, &ServeError::Filter(error)),
+    }
+}
+
+/// The request as the filter sees it: pseudo-headers first, names lower-cased, a client XFCC
+/// dropped and the verified certificate's set (Envoy's `SANITIZE_SET`) on TLS listeners.
+fn request_headers(request: &Request<Incoming>, connection: &Connection) -> HeaderList {
+    let authority = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str().as_bytes().to_vec())
+        .or_else(|| request.headers().get("host").map(|h| h.as_bytes().to_vec()))
+        .unwrap_or_default();
+    let path = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let mut headers: HeaderList = vec![
+        (":authority".into(), authority),
+        (":path".into(), path.as_bytes().to_vec()),
+        (
+            ":method".into(),
+            request.method().as_str().as_bytes().to_vec(),
+        ),
+        (
+            ":scheme".into(),
+            if connection.tls {
+                b"https".to_vec()
+            } else {
+                b"http".to_vec()
+            },
+        ),
+    ];
+    for (name, value) in request.headers() {
+        let name = name.as_str();
+        if name == "host" || name == "x-forwarded-proto" {
+            continue;
+        }
+        // Behind a trusted front the client XFCC is the front's; otherwise it is a forgery.
+        if name == "x-forwarded-client-cert" && connection.tls {
+            continue;
+        }
+        headers.push((name.to_string(), value.as_bytes().to_vec()));
+    }
+    headers.push((
+        "x-forwarded-proto".into(),
+        if connection.tls {
+            b"https".to_vec()
+        } else {
+            b"http".to_vec()
+        },
+    ));
+    if let Some(certificate) = &connection.certificate {
+        headers.push((
+            "x-forwarded-client-cert".into(),
+            certificate.xfcc.as_bytes().to_vec(),
+        ));
+    }
+    headers
+}
+
+/// Headers that describe one hop and are never forwarded.
+fn hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "upgrade"
+            | "te"
+            | "host"
+    )
+}
+
+async fn forward(
+    worker: &Rc<Worker>,
+    forwarding: &Forwarding,
+    id: u32,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, ServeError> {
+    let headers = worker
+        .request_headers(id)
+        .ok_or_else(|| ServeError::InvalidUpstreamRequest("the stream is gone".into()))?;
+    let value = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    };
+    let authority = value(":authority")
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| ServeError::InvalidUpstreamRequest("no :authority".into()))?;
+    let path = value(":path").unwrap_or_else(|| "/".into());
+    let method = value(":method").unwrap_or_else(|| "GET".into());
+    let mut builder = Request::builder()
+        .method(method.as_str())
+        .uri(format!("https://{authority}{path}"));
+    for (name, value) in headers
+        .iter()
+        .filter(|(k, _)| !k.starts_with(':') && !hop_by_hop(k))
+    {
+        builder = builder.header(name.as_str(), value.as_slice());
+    }
+    let limit = forwarding.max_request_body_bytes;
+    let body = Limited::new(request.into_body(), limit).boxed();
+    let upstream = builder
+        .body(body)
+        .map_err(|e| ServeError::InvalidUpstreamRequest(e.to_string()))?;
+    let response = match tokio::time::timeout(
+        forwarding.request_timeout,
+        forwarding.client.request(upstream),
+    )
+    .await
+    {
+        Err(_) => return Err(ServeError::UpstreamTimeout),
+        Ok(Err(error)) => {
+            let too_large = std::error::Error::source(&error)
+                .and_then(|s| s.downcast_ref::<http_body_util::LengthLimitError>())
+                .is_some();
+            return Err(if too_large {
+                ServeError::RequestTooLarge
+            } else {
+                ServeError::UpstreamUnavailable(error.to_string())
+            });
+        }
+        Ok(Ok(response)) => response,
+    };
+    let (mut parts, body) = response.into_parts();
+    let mut response_headers: HeaderList =
+        vec![(":status".into(), parts.status.as_str().as_bytes().to_vec())];
+    response_headers.extend(
+        parts
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec())),
+    );
+    if let Some(local) = worker.response_headers(id, response_headers, body.is_end_stream()) {
+        return Ok(local_response(local));
+    }
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        parts.headers.remove(name);
+    }
+    Ok(Response::from_parts(
+        parts,
+        body.map_err(BoxError::from).boxed(),
+    ))
+}
+
+fn local_response(local: LocalResponse) -> Response<ResponseBody> {
+    let mut builder = Response::builder().status(local.status);
+    for (name, value) in &local.headers {
+        builder = builder.header(name.as_str(), value.as_slice());
+    }
+    builder
+        .body(full(local.body))
+        .unwrap_or_else(|_| plain_error(500))
+}
+
+/// A gateway error as an Azure-style JSON answer (logged without request data).
+fn answer_error(worker: &Rc<Worker>, error: &ServeError) -> Response<ResponseBody> {
+    tracing::warn!(code = error.code(), %error, "request failed in the gateway");
+    worker.stats.request("error", error.code());
+    Response::builder()
+        .status(error.status())
+        .header("content-type", "application/json; charset=utf-8")
+        .header("x-azgate-error", error.code())
+        .body(full(error.body().into_bytes()))
+        .unwrap_or_else(|_| plain_error(500))
+}
+
+fn plain_error(status: u16) -> Response<ResponseBody> {
+    let mut response = Response::new(full(Vec::new()));
+    *response.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    response
+}
+
+fn full(bytes: Vec<u8>) -> ResponseBody {
+    Full::new(Bytes::from(bytes))
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn request_id() -> String {
+    let mut bytes = [0u8; 16];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,208 @@
+//! Listener TLS (rustls, client certificates verified against the configured CAs) and the
+//! `x-forwarded-client-cert` value built from the verified peer certificate, in the format
+//! Envoy's `SANITIZE_SET` writes with `subject`, `cert`, `uri` and `dns` set.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use x509_cert::der::Decode;
+
+use super::config::{ClientCertificateMode, TlsConfig};
+use super::error::ServeError;
+
+/// Reads every certificate of a PEM file.
+pub(crate) fn read_certs(
+    path: &std::path::Path,
+) -> Result<Vec<CertificateDer<'static>>, ServeError> {
+    CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| ServeError::Config(format!("{}: {e}", path.display())))
+}
+
+/// The rustls server configuration of a listener.
+pub(crate) fn server_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, ServeError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for file in &tls.client_ca {
+        for cert in read_certs(file)? {
+            roots
+                .add(cert)
+                .map_err(|e| ServeError::Config(format!("{}: {e}", file.display())))?;
+        }
+    }
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if tls.client_certificate == ClientCertificateMode::Optional {
+        builder = builder.allow_unauthenticated();
+    }
+    let webpki = builder
+        .build()
+        .map_err(|e| ServeError::Config(format!("client CA: {e}")))?;
+    let verifier: Arc<dyn ClientCertVerifier> = if tls.accept_expired_client_certificates {
+        Arc::new(ExpiryTolerant { inner: webpki })
+    } else {
+        webpki
+    };
+    let certs = read_certs(&tls.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key)
+        .map_err(|e| ServeError::Config(format!("{}: {e}", tls.key.display())))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServeError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| ServeError::Config(format!("{}: {e}", tls.cert.display())))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Verifies chains as webpki does but at a time inside the certificate's validity, so an
+/// expired or not-yet-valid certificate reaches the filter (which then refuses it itself).
+/// Test listeners only (`accept_expired_client_certificates`).
+#[derive(Debug)]
+struct ExpiryTolerant {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCertVerifier for ExpiryTolerant {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        match self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::Expired
+                | CertificateError::ExpiredContext { .. }
+                | CertificateError::NotValidYet
+                | CertificateError::NotValidYetContext { .. },
+            )) => {
+                let cert = x509_cert::Certificate::from_der(end_entity).map_err(|_| {
+                    rustls::Error::InvalidCertificate(CertificateError::BadEncoding)
+                })?;
+                let inside = cert.tbs_certificate.validity.not_before.to_unix_duration()
+                    + std::time::Duration::from_secs(1);
+                self.inner.verify_client_cert(
+                    end_entity,
+                    intermediates,
+                    UnixTime::since_unix_epoch(inside),
+                )
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// What the filter and properties learn about a verified client certificate.
+#[derive(Clone, Debug)]
+pub(crate) struct PeerCertificate {
+    /// The XFCC value.
+    pub(crate) xfcc: String,
+    /// Subject, RFC 4514.
+    pub(crate) subject: String,
+}
+
+/// Characters of the PEM escaped in XFCC's `Cert=` (everything but RFC 3986 unreserved).
+const XFCC_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Builds `Hash=<sha256>;Cert="<url-encoded PEM>";Subject="<subject>";URI=<uri>;DNS=<name>...`.
+pub(crate) fn peer_certificate(der: &[u8]) -> PeerCertificate {
+    let hash: String = ring::digest::digest(&ring::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in body.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    let (subject, uri, dns) = match x509_cert::Certificate::from_der(der) {
+        Ok(cert) => (
+            cert.tbs_certificate.subject.to_string(),
+            san(&cert, true),
+            san(&cert, false),
+        ),
+        Err(_) => (String::new(), Vec::new(), Vec::new()),
+    };
+    let mut xfcc = format!(
+        "Hash={hash};Cert=\"{}\";Subject=\"{}\";URI={}",
+        utf8_percent_encode(&pem, XFCC_VALUE),
+        subject.replace('\\', "\\\\").replace('"', "\\\""),
+        uri.first().map(String::as_str).unwrap_or_default()
+    );
+    for name in dns {
+        xfcc.push_str(";DNS=");
+        xfcc.push_str(&name);
+    }
+    PeerCertificate { xfcc, subject }
+}
+
+/// URI (`uris = true`) or DNS subject alternative names.
+fn san(cert: &x509_cert::Certificate, uris: bool) -> Vec<String> {
+    use x509_cert::ext::pkix::SubjectAltName;
+    use x509_cert::ext::pkix::name::GeneralName;
+    let Ok(Some((_, names))) = cert.tbs_certificate.get::<SubjectAltName>() else {
+        return Vec::new();
+    };
+    names
+        .0
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::UniformResourceIdentifier(u) if uris => Some(u.to_string()),
+            GeneralName::DnsName(d) if !uris => Some(d.to_string()),
+            _ => None,
+        })
+        .collect()
+}
