@@ -2,6 +2,8 @@
 //! chosen by the first letter of its `x-probe` header, and records what the host answered in
 //! shared data, where the test reads it.
 
+#![allow(clippy::expect_used, reason = "test helpers fail the test on purpose")]
+
 use azgate_wasmhost::{
     Action, CallResponse, HostError, Plugin, PluginOptions, SharedStores, StreamAction, StreamInfo,
     Vm, serialize_pairs,

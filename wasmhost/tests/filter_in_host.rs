@@ -1,6 +1,8 @@
 //! The real azgate filter in this host: start-up, configuration refusal and a local response
 //! (call-outs are covered end to end by the scenario suite on `azgate serve`). Needs `make wasm` (the Makefile runs it before the tests).
 
+#![allow(clippy::expect_used, reason = "test helpers fail the test on purpose")]
+
 use std::path::PathBuf;
 
 use azgate_wasmhost::{
