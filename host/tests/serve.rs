@@ -1,0 +1,232 @@
+//! `azgate serve` end to end with a small purpose-built filter (WAT): a trap fails that request
+//! closed (503, Azure-style JSON), the VM is replaced and the next request is served; readiness
+//! and Prometheus metrics on the admin listener; the plaintext "behind a trusted TLS front"
+//! mode; and configuration errors that name their field.
+
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "tests fail on purpose"
+)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use azgate::serve::{ServeConfig, start};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::watch;
+
+/// Answers every request locally with 200 "ok"; traps when the request has `x-trap`; echoes
+/// its client certificate header presence as `x-saw-xfcc`.
+const FILTER: &str = r#"(module
+  (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_send_local_response" (func $local (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (global $heap (mut i32) (i32.const 65536))
+  (data (i32.const 100) "x-trap")
+  (data (i32.const 120) "ok")
+  (data (i32.const 140) "x-forwarded-client-cert")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (if (i32.eqz (call $get (i32.const 0) (i32.const 100) (i32.const 6) (i32.const 8) (i32.const 12)))
+      (then unreachable))
+    ;; 200 when a client XFCC survived (trusted front), 201 when none did.
+    (drop (call $local
+      (select (i32.const 200) (i32.const 201)
+        (i32.eqz (call $get (i32.const 0) (i32.const 140) (i32.const 23) (i32.const 8) (i32.const 12))))
+      (i32.const 0) (i32.const 0) (i32.const 120) (i32.const 2) (i32.const 0) (i32.const 0) (i32.const -1)))
+    (i32.const 1)))"#;
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn write_config(dir: &std::path::Path, yaml: &str) -> std::path::PathBuf {
+    let path = dir.join("azgate.yaml");
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    path
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("azgate-serve-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn get(url: &str, headers: &[(&str, &str)]) -> (u16, Vec<(String, String)>, String) {
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut request = http::Request::get(url);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = client
+        .request(request.body(Empty::new()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string()))
+        .collect();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trap_fails_closed_the_vm_is_replaced_and_metrics_show_it() {
+    let dir = temp_dir("trap");
+    std::fs::write(dir.join("filter.wasm"), wat::parse_str(FILTER).unwrap()).unwrap();
+    let (listen, admin) = (free_port(), free_port());
+    let path = write_config(
+        &dir,
+        &format!(
+            "workers: 1\nlisteners:\n  - name: front\n    address: {listen}\n    plaintext_behind_trusted_front: true\n\
+             admin:\n  address: {admin}\nfilter:\n  path: filter.wasm\n"
+        ),
+    );
+    let config = ServeConfig::load(&path).expect("valid configuration");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let running = start(config, stop_rx).await.expect("gateway starts");
+    let base = format!("http://{listen}");
+    let mut ready = false;
+    for _ in 0..100 {
+        if get(&format!("http://{admin}/ready"), &[]).await.0 == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ready, "the admin listener never said LIVE");
+
+    let (status, _, body) = get(
+        &format!("{base}/a"),
+        &[("x-forwarded-client-cert", "Hash=1")],
+    )
+    .await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ok"),
+        "behind a trusted front the XFCC is kept"
+    );
+    assert_eq!(get(&format!("{base}/a"), &[]).await.0, 201);
+
+    let (status, headers, body) = get(&format!("{base}/trap"), &[("x-trap", "1")]).await;
+    assert_eq!(status, 503);
+    assert!(headers.contains(&("x-azgate-error".into(), "FilterFailed".into())));
+    let json: serde_json::Value = serde_json::from_str(&body).expect("Azure-style JSON");
+    assert_eq!(json["error"]["code"], "FilterFailed");
+    assert!(
+        !body.contains("unreachable"),
+        "trap details stay in the log: {body}"
+    );
+
+    // The replacement VM serves the next request.
+    assert_eq!(get(&format!("{base}/after"), &[]).await.0, 201);
+
+    let (_, _, metrics) = get(&format!("http://{admin}/metrics"), &[]).await;
+    assert!(metrics.contains("azgate_vm_restarts_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("azgate_requests_total{decision=\"error\",code=\"FilterFailed\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("azgate_requests_total{decision=\"deny\",code=\"LocalResponse\"} 3"),
+        "{metrics}"
+    );
+
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), running.join())
+        .await
+        .expect("workers stop after the stop signal");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn configuration_errors_name_the_field() {
+    let dir = temp_dir("config");
+    let cases = [
+        ("listeners: []\nfilter: {path: x.wasm}\n", "listeners"),
+        (
+            "listeners: [{address: '127.0.0.1:0'}]\nfilter: {path: x.wasm}\n",
+            "listeners[0].tls",
+        ),
+        (
+            "listeners: [{address: '127.0.0.1:0', plaintext_behind_trusted_front: true}]\nfilter: {path: x.wasm}\nclusters: {azgate_msi: {}}\n",
+            "clusters.azgate_msi",
+        ),
+        (
+            "listeners: [{address: '127.0.0.1:0', plaintext_behind_trusted_front: true}]\nfilter: {path: x.wasm}\nworkerz: 2\n",
+            "unknown field `workerz`",
+        ),
+    ];
+    for (yaml, field) in cases {
+        let path = write_config(&dir, yaml);
+        let error = ServeConfig::load(&path)
+            .expect_err("invalid configuration")
+            .to_string();
+        assert!(error.contains(field), "{error:?} should name {field}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn teleport_role_files_are_appended_to_the_filter_roles() {
+    let dir = temp_dir("roles");
+    std::fs::write(
+        dir.join("roles.yaml"),
+        "kind: role\nversion: v7\nmetadata:\n  name: azure-reader\nspec:\n  allow:\n    app_labels: {'*': '*'}\n    azure_identities:\n      - /subscriptions/0/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/reader\n---\nkind: role\nversion: v6\nmetadata:\n  name: lockdown\nspec:\n  deny:\n    azure_identities: ['*']\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("bad.yaml"),
+        "kind: user\nversion: v2\nmetadata: {name: alice}\n",
+    )
+    .unwrap();
+    let path = write_config(
+        &dir,
+        "listeners: [{address: '127.0.0.1:0', plaintext_behind_trusted_front: true}]\n\
+         filter:\n  path: x.wasm\n  config: {clock_skew_s: 30, roles: [{metadata: {name: inline}}]}\n  role_files: [roles.yaml]\n",
+    );
+    let config = ServeConfig::load(&path).expect("valid");
+    let plugin: serde_json::Value =
+        serde_json::from_slice(&config.plugin_config().unwrap()).unwrap();
+    let names: Vec<&str> = plugin["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["inline", "azure-reader", "lockdown"]);
+    assert_eq!(plugin["clock_skew_s"], 30);
+    let bad = write_config(
+        &dir,
+        "listeners: [{address: '127.0.0.1:0', plaintext_behind_trusted_front: true}]\nfilter:\n  path: x.wasm\n  role_files: [bad.yaml]\n",
+    );
+    let error = ServeConfig::load(&bad)
+        .unwrap()
+        .plugin_config()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("bad.yaml") && error.contains("kind: role"),
+        "{error}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
