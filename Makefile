@@ -49,8 +49,11 @@ lint: wasm-target
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p azgate-filter --target wasm32-wasip1 -- -D warnings
 
-run:
-	@echo "make run needs 'azgate serve' (issue 4), which is not built yet; see README.md"; exit 1
+## azgate serve on an embedded default (dev CA, IMDS emulator, fake Azure): shows an
+## allowed and a denied request, then prints how to send your own.
+run: wasm
+	$(CARGO) build -p azgate
+	$(CARGO) run -q -p azgate-tests --example demo
 
 clean:
 	$(CARGO) clean
