@@ -30,6 +30,7 @@ async fn main() -> Result<()> {
         Options {
             plugin_config: plugin_config.to_string(),
             concurrency: 2,
+            in_process_token_service: true,
         },
     )
     .await?;

@@ -107,6 +107,9 @@ pub struct Options {
     pub plugin_config: String,
     /// Gateway worker threads.
     pub concurrency: u32,
+    /// `azgate serve` only: answer `azgate_msi` with the in-process token module (which then
+    /// asks the emulator) instead of calling the emulator over the network.
+    pub in_process_token_service: bool,
 }
 
 /// A running topology. Dropping it stops the gateway and removes its files.
@@ -305,7 +308,12 @@ async fn serve_command(
         ],
         "admin": {"address": ports.admin.to_string()},
         "filter": {"path": filter_wasm()?, "config": plugin},
-        "clusters": {"azgate_msi": {"address": imds.local_addr().to_string()}},
+        "clusters": {"azgate_msi": if options.in_process_token_service {
+            serde_json::json!({"token_service": true})
+        } else {
+            serde_json::json!({"address": imds.local_addr().to_string()})
+        }},
+        "token_source": {"imds_endpoint": format!("http://{}", imds.local_addr())},
         "upstream": {"extra_ca": [dir.join("ca.crt")], "resolve": resolve},
     });
     // JSON is YAML.
@@ -388,6 +396,7 @@ pub async fn start_expecting_failure(runtime: Runtime, plugin_config: &str) -> R
     let options = Options {
         plugin_config: plugin_config.to_string(),
         concurrency: 1,
+        in_process_token_service: false,
     };
     match Gateway::start(
         runtime,

@@ -248,7 +248,7 @@ fn main() -> std::process::ExitCode {
                 },
             ));
         }
-        let special: Vec<(&str, Arc<Shared>, Special)> = vec![
+        let mut special: Vec<(&str, Arc<Shared>, Special)> = vec![
             (
                 "single_flight: 50 concurrent first requests make one IMDS call",
                 Shared::new(gateway, options(&suite, serde_json::json!({}), 2)),
@@ -275,6 +275,15 @@ fn main() -> std::process::ExitCode {
                 Special::BadConfig,
             ),
         ];
+        if gateway == Runtime::Serve {
+            let mut in_process = options(&suite, serde_json::json!({}), 2);
+            in_process.in_process_token_service = true;
+            special.push((
+                "in_process_token_service: azgate_msi answered by the token module",
+                Shared::new(gateway, in_process),
+                Special::InProcessTokens,
+            ));
+        }
         for (title, topo, kind) in special {
             topologies.push(topo.clone());
             let (rt, suite) = (runtime.clone(), suite.clone());
@@ -328,6 +337,7 @@ fn options(suite: &Suite, extra: serde_json::Value, concurrency: u32) -> Options
     Options {
         plugin_config: config.to_string(),
         concurrency,
+        in_process_token_service: false,
     }
 }
 
@@ -611,6 +621,7 @@ enum Special {
     Audit,
     BadConfig,
     Expiry,
+    InProcessTokens,
     SingleFlight,
     Unauthenticated,
 }
@@ -631,6 +642,7 @@ async fn run_special(kind: Special, shared: &Shared, suite: &Suite) -> Result<()
         Special::Unauthenticated => unauthenticated(shared.get().await?, suite).await,
         Special::Audit => audit(shared.get().await?, suite).await,
         Special::BadConfig => bad_config(shared.runtime).await,
+        Special::InProcessTokens => in_process_tokens(shared.get().await?, suite).await,
     }
 }
 
@@ -847,5 +859,32 @@ async fn bad_config(runtime: Runtime) -> Result<()> {
             "the start failure does not name {field}:\n{failure}"
         );
     }
+    Ok(())
+}
+
+async fn in_process_tokens(topology: &Topology, suite: &Suite) -> Result<()> {
+    let resource = "api://azgate-in-process";
+    let cert = issue(topology, suite, &CertCase::default())?;
+    for n in 0..3 {
+        let status = allowed_get(topology, &cert, resource, &format!("/in-process/{n}")).await?;
+        ensure!(status == 200, "status {status}");
+    }
+    let calls = imds_calls_for(topology, resource);
+    ensure!(calls == 1, "{calls} IMDS calls for three requests");
+    let seen = topology.azure.seen_with_path("/in-process/");
+    let token = seen
+        .first()
+        .and_then(|s| s.header("authorization"))
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .ok_or_else(|| anyhow!("no token upstream"))?;
+    let claims = jwt::payload(token).ok_or_else(|| anyhow!("not a JWT"))?;
+    ensure!(claims["aud"] == resource, "aud {}", claims["aud"]);
+    ensure!(
+        claims["xms_mirid"]
+            .as_str()
+            .is_some_and(|m| m.eq_ignore_ascii_case(&identity(suite, "reader"))),
+        "xms_mirid {}",
+        claims["xms_mirid"]
+    );
     Ok(())
 }
