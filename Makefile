@@ -8,7 +8,7 @@ ENVOY_VERSION ?= 1.40.0
 ENVOY := .tools/envoy/envoy/_bin/envoy
 WASM := target/wasm32-wasip1/release/azgate_filter.wasm
 
-.PHONY: all wasm-target wasm envoy build test test-unit test-filter test-clients lint run clean
+.PHONY: all wasm-target wasm envoy build test test-unit test-filter test-clients lint run bench clean
 
 all: wasm build
 
@@ -54,6 +54,13 @@ lint: wasm-target
 run: wasm
 	$(CARGO) build -p azgate
 	$(CARGO) run -q -p azgate-tests --example demo
+
+## Requests per second through azgate serve, Envoy and a bare hyper proxy, side by side.
+BENCH_ARGS ?= --seconds 10 --connections 32
+bench: wasm envoy
+	$(CARGO) build --profile host -p azgate
+	$(CARGO) build --profile host -p azgate-tests --example bench
+	AZGATE_BIN=target/host/azgate target/host/examples/bench $(BENCH_ARGS)
 
 clean:
 	$(CARGO) clean
