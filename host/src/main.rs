@@ -109,11 +109,17 @@ enum SourceKind {
 }
 
 fn main() -> ExitCode {
+    // Log lines are written by a background thread, so request paths do not wait on (or share a
+    // lock over) stderr; not lossy, because audit lines must never be dropped (a full buffer
+    // applies back-pressure instead). The guard flushes what is left when main returns.
+    let (writer, _flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("AZGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();

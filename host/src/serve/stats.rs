@@ -10,8 +10,8 @@ use std::time::Duration;
 /// One worker's counters.
 #[derive(Debug, Default)]
 pub struct WorkerStats {
-    /// Requests by (decision, code).
-    requests: Mutex<BTreeMap<(String, String), u64>>,
+    /// Requests by decision, then code.
+    requests: Mutex<BTreeMap<String, BTreeMap<String, u64>>>,
     filter_nanos: AtomicU64,
     filter_calls: AtomicU64,
     vm_restarts: AtomicU64,
@@ -22,11 +22,22 @@ pub struct WorkerStats {
 impl WorkerStats {
     /// Counts a finished request.
     pub fn request(&self, decision: &str, code: &str) {
-        if let Ok(mut requests) = self.requests.lock() {
-            *requests
-                .entry((decision.to_string(), code.to_string()))
-                .or_default() += 1;
+        let Ok(mut requests) = self.requests.lock() else {
+            return;
+        };
+        // Allocate only the first time a (decision, code) pair is seen.
+        if let Some(count) = requests
+            .get_mut(decision)
+            .and_then(|codes| codes.get_mut(code))
+        {
+            *count += 1;
+            return;
         }
+        *requests
+            .entry(decision.to_string())
+            .or_default()
+            .entry(code.to_string())
+            .or_default() += 1;
     }
 
     /// Adds time spent in `proxy_on_request_headers`.
@@ -67,8 +78,12 @@ pub fn render(workers: &[std::sync::Arc<WorkerStats>]) -> String {
     let (mut nanos, mut calls, mut restarts, mut upstream, mut in_flight) = (0, 0, 0, 0, 0);
     for w in workers {
         if let Ok(r) = w.requests.lock() {
-            for (key, n) in r.iter() {
-                *requests.entry(key.clone()).or_default() += n;
+            for (decision, codes) in r.iter() {
+                for (code, n) in codes {
+                    *requests
+                        .entry((decision.clone(), code.clone()))
+                        .or_default() += n;
+                }
             }
         }
         nanos += w.filter_nanos.load(Ordering::Relaxed);
