@@ -5,7 +5,7 @@
 //! Run with `cargo test -p azgate-tests --test filter` after `make wasm envoy`;
 //! `AZGATE_RUNTIMES=envoy` picks runtimes, `AZGATE_KEEP_LOGS=1` keeps gateway logs.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -136,6 +136,57 @@ struct UpstreamExpect {
     host: String,
 }
 
+/// What each runtime answered per case: `status code` (or `error: …` if no answer).
+#[derive(Default)]
+struct Table {
+    rows: std::sync::Mutex<BTreeMap<String, BTreeMap<&'static str, String>>>,
+}
+
+impl Table {
+    fn record(&self, case: &str, runtime: &'static str, observed: String) {
+        if let Ok(mut rows) = self.rows.lock() {
+            rows.entry(case.to_string())
+                .or_default()
+                .insert(runtime, observed);
+        }
+    }
+
+    /// Prints the table; returns the cases whose answers differ between runtimes.
+    fn print(&self, runtimes: &[&'static str]) -> Vec<String> {
+        let Ok(rows) = self.rows.lock() else {
+            return vec!["results table poisoned".into()];
+        };
+        let mut differing = Vec::new();
+        println!("\nscenario results per runtime (status and error code):");
+        print!("{:<72}", "case");
+        for runtime in runtimes {
+            print!(" {runtime:<32}");
+        }
+        println!();
+        for (case, answers) in rows.iter() {
+            let mut name: String = case.chars().take(70).collect();
+            if case.chars().count() > 70 {
+                name.push('…');
+            }
+            print!("{name:<72}");
+            for runtime in runtimes {
+                print!(
+                    " {:<32}",
+                    answers.get(runtime).map(String::as_str).unwrap_or("-")
+                );
+            }
+            let mut values = answers.values();
+            let first = values.next();
+            if values.any(|v| Some(v) != first) {
+                print!("  DIFFERENT");
+                differing.push(case.clone());
+            }
+            println!();
+        }
+        differing
+    }
+}
+
 /// A topology started on first use and shared by the trials that need it.
 struct Shared {
     runtime: Runtime,
@@ -184,6 +235,7 @@ fn main() -> std::process::ExitCode {
     };
     let mut trials = Vec::new();
     let mut topologies = Vec::new();
+    let table = Arc::new(Table::default());
     for gateway in Runtime::selected() {
         let name = gateway.name();
         let main = Shared::new(gateway, options(&suite, serde_json::json!({}), 2));
@@ -202,34 +254,42 @@ fn main() -> std::process::ExitCode {
         topologies.extend([main.clone(), faults.clone(), unauthenticated.clone()]);
 
         for (index, case) in suite.cases.iter().enumerate() {
-            let (rt, suite, topo, case) =
-                (runtime.clone(), suite.clone(), main.clone(), case.clone());
+            let (rt, suite, topo, case, table) = (
+                runtime.clone(),
+                suite.clone(),
+                main.clone(),
+                case.clone(),
+                table.clone(),
+            );
             trials.push(Trial::test(
                 format!("{name}::case_{index:02}: {}", case.name),
                 move || {
-                    rt.block_on(async {
+                    let mut observed = None;
+                    let result = rt.block_on(async {
                         let topology = topo.get().await?;
                         let resource = format!("api://azgate-case-{index}");
-                        run_case(
-                            topology,
-                            &suite,
-                            &format!("/case-{index}"),
-                            &resource,
-                            &case,
-                        )
-                        .await
-                    })
-                    .map_err(failed)
+                        let path = format!("/case-{index}");
+                        run_case(topology, &suite, &path, &resource, &case, &mut observed).await
+                    });
+                    let row = format!("case_{index:02}: {}", case.name);
+                    table.record(&row, name, observed.unwrap_or_else(|| "no answer".into()));
+                    result.map_err(failed)
                 },
             ));
         }
         for (index, case) in suite.token_cases.iter().enumerate() {
-            let (rt, suite, topo, case) =
-                (runtime.clone(), suite.clone(), faults.clone(), case.clone());
+            let (rt, suite, topo, case, table) = (
+                runtime.clone(),
+                suite.clone(),
+                faults.clone(),
+                case.clone(),
+                table.clone(),
+            );
             trials.push(Trial::test(
                 format!("{name}::token_case_{index:02}: {}", case.name),
                 move || {
-                    rt.block_on(async {
+                    let mut observed = None;
+                    let result = rt.block_on(async {
                         let _one_at_a_time = topo.exclusive.lock().await;
                         let topology = topo.get().await?;
                         topology.imds.set_fault(fault(case.imds_fault.as_ref())?);
@@ -239,12 +299,15 @@ fn main() -> std::process::ExitCode {
                             &format!("/token-case-{index}"),
                             "api://azgate-token-faults",
                             &case,
+                            &mut observed,
                         )
                         .await;
                         topology.imds.set_fault(Fault::None);
                         result
-                    })
-                    .map_err(failed)
+                    });
+                    let row = format!("token_case_{index:02}: {}", case.name);
+                    table.record(&row, name, observed.unwrap_or_else(|| "no answer".into()));
+                    result.map_err(failed)
                 },
             ));
         }
@@ -293,9 +356,18 @@ fn main() -> std::process::ExitCode {
             }));
         }
     }
+    let runtimes: Vec<&'static str> = Runtime::selected().iter().map(|r| r.name()).collect();
     let conclusion = libtest_mimic::run(&args, trials);
     // Stop every gateway before exiting.
     drop(topologies);
+    let differing = table.print(&runtimes);
+    if !differing.is_empty() {
+        eprintln!(
+            "runtimes disagree on {} case(s): {differing:?}",
+            differing.len()
+        );
+        return std::process::ExitCode::FAILURE;
+    }
     conclusion.exit_code()
 }
 
@@ -436,6 +508,7 @@ async fn run_case(
     path_prefix: &str,
     default_resource: &str,
     case: &Case,
+    observed: &mut Option<String>,
 ) -> Result<()> {
     let cert = match &case.cert {
         Some(spec) => Some(issue(topology, suite, spec)?),
@@ -513,6 +586,10 @@ async fn run_case(
         .unwrap_or_default()
         .to_string();
     let body = response.text().await?;
+    *observed = Some(format!(
+        "{status} {}",
+        error_header.as_deref().unwrap_or("(forwarded)")
+    ));
     ensure!(
         status == case.expect.status,
         "status {status}, expected {}; body: {body}",
