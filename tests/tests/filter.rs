@@ -542,9 +542,10 @@ async fn run_case(
     match (&case.authorization, &jwt) {
         (Some(values), _) => {
             for value in values {
-                let value = match (value.as_str(), &jwt) {
-                    ("$token", Some(jwt)) => format!("Bearer {jwt}"),
-                    _ => value.clone(),
+                // "$jwt" stands for the case's signed token.
+                let value = match &jwt {
+                    Some(jwt) => value.replace("$jwt", jwt),
+                    None => value.clone(),
                 };
                 headers.append("authorization", value.parse()?);
             }
