@@ -5,6 +5,7 @@
 //! RBAC, target endpoint, and last the JWT signature (the expensive step) and its claims.
 
 use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
 
 use sha2::{Digest, Sha256};
 
@@ -86,17 +87,20 @@ impl AuditFields {
     }
 }
 
-/// Remembers (JWT, certificate) pairs that verified, so a reused token is not re-verified on
-/// every request. Keyed by a SHA-256 of both; bounded, oldest evicted first. Time claims are
-/// re-checked on every use.
+/// Remembers parsed certificates (by their exact XFCC PEM) and (JWT, certificate) pairs that
+/// verified, so a client's reused certificate and token are not parsed and verified on every
+/// request. Bounded, oldest evicted first. Validity periods and time claims are re-checked on
+/// every use; only successes are remembered.
 #[derive(Debug, Default)]
-pub struct VerifiedTokens {
+pub struct VerificationCache {
     capacity: usize,
     claims: HashMap<[u8; 32], Claims>,
     order: VecDeque<[u8; 32]>,
+    certificates: HashMap<String, Rc<AppIdentity>>,
+    certificate_order: VecDeque<String>,
 }
 
-impl VerifiedTokens {
+impl VerificationCache {
     /// A cache holding at most `capacity` pairs (0 disables it).
     pub fn new(capacity: usize) -> Self {
         Self {
@@ -130,6 +134,23 @@ impl VerifiedTokens {
         Ok(claims)
     }
 
+    fn certificate(&mut self, pem: String) -> Result<Rc<AppIdentity>, Refusal> {
+        if let Some(cert) = self.certificates.get(&pem) {
+            return Ok(cert.clone());
+        }
+        let cert = Rc::new(identity::parse_app_certificate(&pem)?);
+        if self.capacity > 0 {
+            if self.certificate_order.len() >= self.capacity
+                && let Some(oldest) = self.certificate_order.pop_front()
+            {
+                self.certificates.remove(&oldest);
+            }
+            self.certificate_order.push_back(pem.clone());
+            self.certificates.insert(pem, cert.clone());
+        }
+        Ok(cert)
+    }
+
     /// Pairs currently remembered.
     pub fn len(&self) -> usize {
         self.claims.len()
@@ -146,7 +167,7 @@ pub fn decide(
     view: &RequestView<'_>,
     config: &Config,
     now: i64,
-    verified: &mut VerifiedTokens,
+    verified: &mut VerificationCache,
 ) -> (AuditFields, Result<Grant, Refusal>) {
     let mut audit = AuditFields {
         method: printable(view.method),
@@ -161,11 +182,11 @@ fn decide_into(
     view: &RequestView<'_>,
     config: &Config,
     now: i64,
-    verified: &mut VerifiedTokens,
+    verified: &mut VerificationCache,
     audit: &mut AuditFields,
 ) -> Result<Grant, Refusal> {
     let pem = identity::cert_pem_from_xfcc(&view.xfcc)?;
-    let cert = identity::parse_app_certificate(&pem)?;
+    let cert = verified.certificate(pem)?;
     audit.user = Some(cert.user.clone());
     audit.roles = cert.roles.clone();
     audit.identity = cert.selected_identity.clone();
@@ -236,7 +257,7 @@ mod tests {
             path: "/subscriptions?api-version=2022-01-01",
             ..Default::default()
         };
-        let (audit, result) = decide(&view, &config, 0, &mut VerifiedTokens::new(4));
+        let (audit, result) = decide(&view, &config, 0, &mut VerificationCache::new(4));
         assert_eq!(result.unwrap_err().code(), "MissingClientCertificate");
         assert_eq!(audit.path, "/subscriptions");
         assert_eq!(audit.user, None);

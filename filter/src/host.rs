@@ -11,7 +11,7 @@ use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, Status};
 
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::decision::{self, RequestView, VerifiedTokens};
+use crate::decision::{self, RequestView, VerificationCache};
 use crate::error::Refusal;
 use crate::imds::AccessToken;
 use crate::token_cache::SharedStore;
@@ -41,7 +41,7 @@ pub(crate) fn log(level: LogLevel, message: &str) {
 struct Shared {
     config: Config,
     broker: RefCell<Broker>,
-    verified: RefCell<VerifiedTokens>,
+    verified: RefCell<VerificationCache>,
 }
 
 // === impl Root ===
@@ -81,7 +81,7 @@ impl RootContext for Root {
                         config.token_cluster
                     ),
                 );
-                let verified = VerifiedTokens::new(config.verified_token_cache_size);
+                let verified = VerificationCache::new(config.verified_token_cache_size);
                 let broker = Broker::new(&config, self.id, now_ms());
                 self.shared = Some(Rc::new(Shared {
                     config,
