@@ -239,7 +239,10 @@ fn in_range<T: PartialOrd + Copy + fmt::Display>(
     }
 }
 
-fn parse_roles(values: Vec<serde_json::Value>) -> Result<RoleSet, ConfigError> {
+/// Parses and validates a list of Teleport roles (JSON values, as in the `roles` field), with the
+/// gateway's rules: full resource IDs, no `*` in allow, no templates, no duplicate names. The
+/// dev CA (`azgate ca issue`) reads role files with this too, so both sides agree on a role.
+pub fn parse_roles(values: Vec<serde_json::Value>) -> Result<RoleSet, ConfigError> {
     let mut set = RoleSet::default();
     for (i, value) in values.into_iter().enumerate() {
         let at = |rest: &str| format!("roles[{i}]{rest}");
@@ -288,7 +291,7 @@ fn parse_roles(values: Vec<serde_json::Value>) -> Result<RoleSet, ConfigError> {
                 ));
             }
             let id = IdentityId::parse(id).map_err(|e| field_error(field, e))?;
-            rules.allow.push(id.folded().to_string());
+            rules.allow.push(id.as_str().to_string());
         }
         for (j, id) in deny.iter().enumerate() {
             let field = at(&format!(".spec.deny.azure_identities[{j}]"));

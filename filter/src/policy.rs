@@ -84,7 +84,7 @@ impl IdentityId {
 /// One role's `azure_identities` rules, already validated.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RoleRules {
-    /// Folded IDs this role allows.
+    /// IDs this role allows, as written (compared case-insensitively).
     pub allow: Vec<String>,
     /// Folded IDs this role denies.
     pub deny: Vec<String>,
@@ -114,6 +114,35 @@ impl RoleSet {
         self.roles.is_empty()
     }
 
+    /// The rules of role `name`, if it is defined.
+    pub fn role(&self, name: &str) -> Option<&RoleRules> {
+        self.roles.get(name)
+    }
+
+    /// The identities a user holding `user_roles` may assume, as Teleport computes them when it
+    /// issues an app certificate: every identity some role allows, minus every identity any role
+    /// denies (`*` in a deny rule denies all). Spelling is the first allow rule's; duplicates
+    /// (case-insensitively) are listed once, in role order.
+    pub fn allowed_identities(&self, user_roles: &[String]) -> Vec<String> {
+        let rules: Vec<&RoleRules> = user_roles
+            .iter()
+            .filter_map(|name| self.roles.get(name))
+            .collect();
+        if rules.iter().any(|r| r.deny_all) {
+            return Vec::new();
+        }
+        let mut allowed: Vec<String> = Vec::new();
+        for id in rules.iter().flat_map(|r| &r.allow) {
+            let denied = rules
+                .iter()
+                .any(|r| r.deny.iter().any(|d| d.eq_ignore_ascii_case(id)));
+            if !denied && !allowed.iter().any(|a| a.eq_ignore_ascii_case(id)) {
+                allowed.push(id.clone());
+            }
+        }
+        allowed
+    }
+
     /// Decides whether a user holding `user_roles` may use `selected`, given the identities the
     /// certificate lists as allowed.
     pub fn check(
@@ -137,7 +166,10 @@ impl RoleSet {
                 selected.name()
             )));
         }
-        if !known.iter().any(|r| r.allow.iter().any(|a| a == wanted)) {
+        if !known
+            .iter()
+            .any(|r| r.allow.iter().any(|a| a.eq_ignore_ascii_case(wanted)))
+        {
             return Err(Refusal::IdentityNotAllowed(format!(
                 "none of the roles [{}] allows Azure identity {:?}",
                 user_roles.join(", "),
@@ -288,5 +320,27 @@ mod tests {
         ] {
             assert!(IdentityId::parse(bad).is_err(), "{bad:?} must be refused");
         }
+    }
+
+    #[test]
+    fn allowed_identities_are_allow_minus_deny_across_roles() {
+        let set = roles();
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            set.allowed_identities(&names(&["azure-admin"])),
+            [ADMIN.to_ascii_lowercase(), READER.to_ascii_lowercase()]
+        );
+        // Deny in another role removes the identity; duplicates are listed once.
+        assert_eq!(
+            set.allowed_identities(&names(&["azure-admin", "azure-reader", "no-admin"])),
+            [READER.to_ascii_lowercase()]
+        );
+        // `*` in deny removes everything; unknown roles grant nothing.
+        assert!(
+            set.allowed_identities(&names(&["azure-admin", "lockdown"]))
+                .is_empty()
+        );
+        assert!(set.allowed_identities(&names(&["ghost"])).is_empty());
+        assert!(set.role("azure-reader").is_some() && set.role("ghost").is_none());
     }
 }
