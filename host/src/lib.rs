@@ -6,9 +6,11 @@
 //! - [`emulator`]: an in-process emulator of IMDS, the App Service identity endpoint and the
 //!   Entra token endpoint, with switchable faults, for tests and demos.
 
+pub mod devca;
 pub mod emulator;
 pub mod serve;
 pub mod token;
+pub mod workstation;
 
 mod civil_time;
 mod http_server;

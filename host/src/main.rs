@@ -1,5 +1,7 @@
 //! The `azgate` binary.
 
+mod cli_workstation;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +45,17 @@ enum Command {
         #[arg(long, default_value = "azgate.yaml")]
         config: PathBuf,
     },
+    /// Dev CA for Teleport-format app certificates: `init`, `issue`, `server`.
+    #[command(subcommand)]
+    Ca(cli_workstation::CaCommand),
+    /// List what an app certificate allows: user, roles, selected and allowed Azure identities.
+    Identities(cli_workstation::IdentitiesArgs),
+    /// Local proxies for clients on the workstation (`proxy azure`, like `tsh proxy azure`).
+    #[command(subcommand)]
+    Proxy(cli_workstation::ProxyCommand),
+    /// Run `az` through the gateway (like `tsh az`), logging in with the certificate's identity
+    /// when needed. Exits with az's exit code.
+    Az(Box<cli_workstation::AzArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -108,7 +121,17 @@ enum SourceKind {
     ClientCertificate,
 }
 
+/// The exit code of the `az` that `azgate az` ran, returned from `main` (so the log guard still
+/// flushes).
+static AZ_EXIT_CODE: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // `azgate az` shares the terminal with az: only warnings unless asked for more.
+    let default_level = match cli.command {
+        Command::Az(_) => "warn",
+        _ => "info",
+    };
     // Log lines are written by a background thread, so request paths do not wait on (or share a
     // lock over) stderr; not lossy, because audit lines must never be dropped (a full buffer
     // applies back-pressure instead). The guard flushes what is left when main returns.
@@ -117,12 +140,11 @@ fn main() -> ExitCode {
         .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("AZGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_env("AZGATE_LOG").unwrap_or_else(|_| EnvFilter::new(default_level)),
         )
         .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -134,7 +156,10 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
+        // `azgate az` ends with az's own exit code.
+        Ok(()) => AZ_EXIT_CODE.get().map_or(ExitCode::SUCCESS, |code| {
+            ExitCode::from(u8::try_from(*code).unwrap_or(1))
+        }),
         Err(error) => {
             tracing::error!(%error, "azgate failed");
             ExitCode::FAILURE
@@ -144,6 +169,16 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
+        Command::Ca(command) => cli_workstation::ca(command),
+        Command::Identities(args) => cli_workstation::identities(args),
+        Command::Proxy(cli_workstation::ProxyCommand::Azure(args)) => {
+            cli_workstation::proxy_azure(args).await
+        }
+        Command::Az(args) => {
+            let code = cli_workstation::run_az(*args).await?;
+            let _ = AZ_EXIT_CODE.set(code);
+            Ok(())
+        }
         Command::ImdsEmulator { listen } => {
             let emulator = azgate::emulator::Emulator::start(listen).await?;
             // Scripts read this line to learn the port when they asked for port 0.
@@ -287,7 +322,7 @@ fn token_source(args: &TokenServiceArgs) -> Result<Source, TokenError> {
 }
 
 /// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut signal) => {

@@ -1,24 +1,19 @@
 //! A test CA that mints what the tests need at run time: TLS server certificates for the
 //! gateway and the fake Azure upstream, and Teleport-format app certificates (CN = user, one O
 //! per role, Subject OIDs 1.3.9999.1.16 and .17) with ECDSA P-256, P-384 or RSA keys.
+//!
+//! Certificates are built and signed by `azgate::devca` (what `azgate ca` uses); this module adds
+//! the test-only key kinds (P-384, which azgate refuses) and the offsets-from-now interface.
 
-use std::str::FromStr;
+use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result};
-use der::asn1::{Ia5String, OctetString, PrintableStringRef, SetOfVec, Utf8StringRef};
-use der::{Any, EncodePem};
+use anyhow::Result;
+use azgate::devca::{AppCertificate, CertificateAuthority};
 use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
 use rand_core::OsRng;
-use x509_cert::attr::AttributeTypeAndValue;
-use x509_cert::builder::{Builder, CertificateBuilder, Profile};
-use x509_cert::der;
-use x509_cert::ext::pkix::SubjectAltName;
-use x509_cert::ext::pkix::name::GeneralName;
-use x509_cert::name::{Name, RdnSequence, RelativeDistinguishedName};
-use x509_cert::serial_number::SerialNumber;
+use x509_cert::der::Decode;
 use x509_cert::spki::SubjectPublicKeyInfoOwned;
-use x509_cert::time::{Time, Validity};
 
 /// Key types for app certificates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
@@ -69,7 +64,7 @@ impl PrivateKey {
             Self::P384(k) => k.verifying_key().to_public_key_der()?,
             Self::Rsa(k) => k.to_public_key().to_public_key_der()?,
         };
-        Ok(SubjectPublicKeyInfoOwned::try_from(der.as_bytes())?)
+        Ok(SubjectPublicKeyInfoOwned::from_der(der.as_bytes())?)
     }
 }
 
@@ -101,143 +96,73 @@ pub struct AppCertSpec {
     pub not_after_offset_s: i64,
 }
 
-/// The test certificate authority (ECDSA P-256).
+/// The test certificate authority: `azgate::devca`'s CA (ECDSA P-256), valid for a day.
 pub struct TestCa {
-    key: p256::ecdsa::SigningKey,
-    name: Name,
+    ca: CertificateAuthority,
     /// The CA certificate, PEM.
     pub cert_pem: String,
 }
 
-const OID_AZURE_IDENTITY: &str = "1.3.9999.1.16";
-const OID_AZURE_IDENTITIES: &str = "1.3.9999.1.17";
-
 impl TestCa {
     /// A new self-signed CA valid for a day.
     pub fn new(common_name: &str) -> Result<Self> {
-        let key = p256::ecdsa::SigningKey::random(&mut OsRng);
-        let name = Name::from_str(&format!("CN={common_name},O=azgate tests"))?;
-        let spki = PrivateKey::P256(key.clone()).public_key_info()?;
-        let builder = CertificateBuilder::new(
-            Profile::Root,
-            serial(),
-            validity(-3600, 86_400)?,
-            name.clone(),
-            spki,
-            &key,
-        )?;
-        let cert = builder.build::<p256::ecdsa::DerSignature>()?;
+        let ca = CertificateAuthority::generate(common_name, Duration::from_secs(86_400))?;
         Ok(Self {
-            key,
-            name,
-            cert_pem: cert.to_pem(LineEnding::LF)?,
+            cert_pem: ca.cert_pem().to_owned(),
+            ca,
         })
+    }
+
+    /// The dev CA behind this test CA (to save it where `azgate ca issue` finds it).
+    pub fn authority(&self) -> &CertificateAuthority {
+        &self.ca
     }
 
     /// A TLS server certificate for the given DNS names (and 127.0.0.1).
     pub fn server(&self, dns_names: &[&str]) -> Result<Issued> {
         let key = PrivateKey::generate(KeyKind::P256)?;
-        let subject = Name::from_str(&format!("CN={}", dns_names.first().unwrap_or(&"localhost")))?;
-        let mut builder = CertificateBuilder::new(
-            Profile::Leaf {
-                issuer: self.name.clone(),
-                enable_key_agreement: false,
-                enable_key_encipherment: false,
-            },
-            serial(),
-            validity(-3600, 86_400)?,
-            subject,
+        let now = SystemTime::now();
+        let cert_pem = self.ca.issue_server(
+            dns_names,
+            &[IpAddr::from([127, 0, 0, 1])],
             key.public_key_info()?,
-            &self.key,
+            now - Duration::from_secs(3600),
+            now + Duration::from_secs(86_400),
         )?;
-        let mut names = Vec::new();
-        for dns in dns_names {
-            names.push(GeneralName::DnsName(Ia5String::new(dns)?));
-        }
-        names.push(GeneralName::IpAddress(OctetString::new([127u8, 0, 0, 1])?));
-        builder.add_extension(&SubjectAltName(names))?;
-        self.finish(builder, key)
+        issued(cert_pem, key)
     }
 
     /// A Teleport-format app certificate.
     pub fn app(&self, spec: &AppCertSpec, kind: KeyKind) -> Result<Issued> {
         let key = PrivateKey::generate(kind)?;
-        let mut rdns = Vec::new();
-        if let Some(user) = &spec.user {
-            rdns.push(rdn("2.5.4.3", user)?);
-        }
-        for role in &spec.roles {
-            rdns.push(rdn("2.5.4.10", role)?);
-        }
-        if let Some(id) = &spec.selected_identity {
-            rdns.push(rdn(OID_AZURE_IDENTITY, id)?);
-        }
-        for id in &spec.allowed_identities {
-            rdns.push(rdn(OID_AZURE_IDENTITIES, id)?);
-        }
-        let builder = CertificateBuilder::new(
-            Profile::Leaf {
-                issuer: self.name.clone(),
-                enable_key_agreement: false,
-                enable_key_encipherment: false,
+        let cert_pem = self.ca.issue_app(
+            &AppCertificate {
+                user: spec.user.clone(),
+                roles: spec.roles.clone(),
+                selected_identity: spec.selected_identity.clone(),
+                allowed_identities: spec.allowed_identities.clone(),
+                not_before: at(spec.not_before_offset_s),
+                not_after: at(spec.not_after_offset_s),
             },
-            serial(),
-            validity(spec.not_before_offset_s, spec.not_after_offset_s)?,
-            RdnSequence(rdns),
             key.public_key_info()?,
-            &self.key,
         )?;
-        self.finish(builder, key)
-    }
-
-    fn finish(
-        &self,
-        builder: CertificateBuilder<'_, p256::ecdsa::SigningKey>,
-        key: PrivateKey,
-    ) -> Result<Issued> {
-        let cert = builder.build::<p256::ecdsa::DerSignature>()?;
-        Ok(Issued {
-            cert_pem: cert.to_pem(LineEnding::LF)?,
-            key_pem: key.to_pem()?,
-            key,
-        })
+        issued(cert_pem, key)
     }
 }
 
-/// One attribute per RDN, as Go's pkix writes repeated attributes. PrintableString where the
-/// value allows it (as Go does), UTF8String otherwise.
-fn rdn(oid: &str, value: &str) -> Result<RelativeDistinguishedName> {
-    let value = match PrintableStringRef::new(value) {
-        Ok(printable) => Any::from(printable),
-        Err(_) => Any::from(Utf8StringRef::new(value)?),
-    };
-    let attr = AttributeTypeAndValue {
-        oid: oid.parse().context("attribute OID")?,
-        value,
-    };
-    Ok(RelativeDistinguishedName(SetOfVec::try_from(vec![attr])?))
-}
-
-fn serial() -> SerialNumber {
-    let mut bytes = [0u8; 16];
-    rand_core::RngCore::fill_bytes(&mut OsRng, &mut bytes);
-    bytes[0] &= 0x7f;
-    bytes[0] |= 0x01;
-    SerialNumber::new(&bytes).unwrap_or_else(|_| SerialNumber::from(1u32))
-}
-
-fn validity(not_before_offset_s: i64, not_after_offset_s: i64) -> Result<Validity> {
-    let at = |offset: i64| -> Result<Time> {
-        let now = SystemTime::now();
-        let t = if offset >= 0 {
-            now + Duration::from_secs(offset as u64)
-        } else {
-            now - Duration::from_secs(offset.unsigned_abs())
-        };
-        Ok(Time::try_from(t)?)
-    };
-    Ok(Validity {
-        not_before: at(not_before_offset_s)?,
-        not_after: at(not_after_offset_s)?,
+fn issued(cert_pem: String, key: PrivateKey) -> Result<Issued> {
+    Ok(Issued {
+        cert_pem,
+        key_pem: key.to_pem()?,
+        key,
     })
+}
+
+fn at(offset_s: i64) -> SystemTime {
+    let now = SystemTime::now();
+    if offset_s >= 0 {
+        now + Duration::from_secs(offset_s.unsigned_abs())
+    } else {
+        now - Duration::from_secs(offset_s.unsigned_abs())
+    }
 }

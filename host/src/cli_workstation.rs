@@ -1,0 +1,436 @@
+//! The workstation subcommands of the `azgate` binary: `ca`, `identities`, `proxy azure`, `az`.
+
+use std::ffi::OsString;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use azgate::devca::{self, AppCertificate, AppKey, CertificateAuthority, DevCaError, KeyKind};
+use azgate::workstation::az::{self, StateDir};
+use azgate::workstation::proxy::DEFAULT_LISTEN;
+use azgate::workstation::{EndpointSecret, LocalProxy, ProxyConfig, WorkstationError};
+use clap::{Args, Subcommand};
+
+type CliResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// `azgate ca ...`
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Create a dev CA (ECDSA P-256): `ca.crt` and `ca.key` (mode 0600) in its directory.
+    Init {
+        /// CA directory [default: $AZGATE_HOME/ca, else ~/.azgate/ca].
+        #[arg(long, env = "AZGATE_CA_DIR")]
+        dir: Option<PathBuf>,
+        /// Common name of the CA certificate.
+        #[arg(long, default_value = "azgate dev CA")]
+        name: String,
+        /// CA lifetime, e.g. 8760h or 365d.
+        #[arg(long, default_value = "365d", value_parser = devca::parse_duration)]
+        ttl: Duration,
+    },
+    /// Issue a Teleport-format app certificate (CN = user, O = roles, OIDs 1.3.9999.1.16/.17)
+    /// whose allowed identities are computed from the role files (allow minus deny).
+    Issue(Box<IssueArgs>),
+    /// Issue a TLS server certificate (for a dev gateway).
+    Server {
+        /// CA directory [default: $AZGATE_HOME/ca].
+        #[arg(long, env = "AZGATE_CA_DIR")]
+        dir: Option<PathBuf>,
+        /// DNS names (repeatable; the first is the CN).
+        #[arg(long = "dns", required = true)]
+        dns_names: Vec<String>,
+        /// IP addresses (repeatable).
+        #[arg(long = "ip")]
+        ip_addresses: Vec<IpAddr>,
+        /// Lifetime.
+        #[arg(long, default_value = "30d", value_parser = devca::parse_duration)]
+        ttl: Duration,
+        /// Output prefix: writes PREFIX.crt and PREFIX.key [default: ./<first DNS name>].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// `azgate ca issue` flags.
+#[derive(Args, Debug)]
+pub struct IssueArgs {
+    /// The user (CN).
+    #[arg(long)]
+    user: String,
+    /// The user's roles, comma-separated (one O attribute each).
+    #[arg(long, value_delimiter = ',', required = true)]
+    roles: Vec<String>,
+    /// Teleport role files, YAML or JSON (repeatable) [default: every *.yaml, *.yml and *.json
+    /// in the CA directory's roles/].
+    #[arg(long = "role-file")]
+    role_files: Vec<PathBuf>,
+    /// The identity to select: full resource ID or bare name; may be left out when the roles
+    /// allow exactly one.
+    #[arg(long)]
+    azure_identity: Option<String>,
+    /// Certificate lifetime, e.g. 12h, 30m, 1h30m.
+    #[arg(long, default_value = "12h", value_parser = devca::parse_duration)]
+    ttl: Duration,
+    /// Key type: ecdsa (P-256) or rsa (2048).
+    #[arg(long, default_value = "ecdsa")]
+    key_type: KeyKind,
+    /// CA directory [default: $AZGATE_HOME/ca].
+    #[arg(long, env = "AZGATE_CA_DIR")]
+    dir: Option<PathBuf>,
+    /// Output prefix: writes PREFIX.crt and PREFIX.key (0600) [default: ./<user>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// `azgate identities` flags.
+#[derive(Args, Debug)]
+pub struct IdentitiesArgs {
+    /// The app certificate (PEM).
+    #[arg(long, env = "AZGATE_CERT")]
+    cert: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `azgate proxy ...`
+#[derive(Subcommand, Debug)]
+pub enum ProxyCommand {
+    /// Run the local proxy for `az` (like `tsh proxy azure`) and print the variables to export.
+    Azure(ConnectArgs),
+}
+
+/// How to reach the gateway, shared by `proxy azure` and `az`.
+#[derive(Args, Debug)]
+pub struct ConnectArgs {
+    /// The gateway, HOST:PORT.
+    #[arg(long, env = "AZGATE_GATEWAY")]
+    gateway: String,
+    /// The app certificate (PEM), presented to the gateway.
+    #[arg(long, env = "AZGATE_CERT")]
+    cert: PathBuf,
+    /// Its private key (PEM: PKCS#8, SEC1 or PKCS#1).
+    #[arg(long, env = "AZGATE_KEY")]
+    key: PathBuf,
+    /// The CA certificate(s) that issued the gateway's server certificate (PEM).
+    #[arg(long, env = "AZGATE_CA")]
+    ca: PathBuf,
+    /// Where the local proxy listens.
+    #[arg(long, default_value_t = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// AZURE_CONFIG_DIR for az [default: $AZGATE_HOME/azure/<identity>-<hash>].
+    #[arg(long)]
+    azure_config_dir: Option<PathBuf>,
+}
+
+/// `azgate az` flags.
+#[derive(Args, Debug)]
+pub struct AzArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// The az executable.
+    #[arg(long, env = "AZGATE_AZ", default_value = "az")]
+    az_binary: OsString,
+    /// Do not run `az login --identity` first, even when az is not logged in.
+    #[arg(long)]
+    no_login: bool,
+    /// The az command line.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    args: Vec<String>,
+}
+
+fn ca_dir(dir: Option<PathBuf>) -> Result<PathBuf, WorkstationError> {
+    match dir {
+        Some(dir) => Ok(dir),
+        None => Ok(az::azgate_home()?.join("ca")),
+    }
+}
+
+fn read(path: &Path, what: &str) -> Result<String, DevCaError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| DevCaError::Invalid(format!("{what} {}: {e}", path.display())))
+}
+
+/// `azgate ca ...`
+pub fn ca(command: CaCommand) -> CliResult<()> {
+    match command {
+        CaCommand::Init { dir, name, ttl } => {
+            let dir = ca_dir(dir)?;
+            let ca = CertificateAuthority::generate(&name, ttl)?;
+            ca.save(&dir)?;
+            devca::create_private_dir(&dir.join("roles"))?;
+            println!(
+                "CA certificate: {}",
+                dir.join(devca::CA_CERT_FILE).display()
+            );
+            println!("CA key:         {}", dir.join(devca::CA_KEY_FILE).display());
+            println!("role files:     {}/", dir.join("roles").display());
+            Ok(())
+        }
+        CaCommand::Issue(args) => issue(*args),
+        CaCommand::Server {
+            dir,
+            dns_names,
+            ip_addresses,
+            ttl,
+            out,
+        } => {
+            let ca = CertificateAuthority::load(&ca_dir(dir)?)?;
+            let key = AppKey::generate(KeyKind::P256)?;
+            let names: Vec<&str> = dns_names.iter().map(String::as_str).collect();
+            let now = SystemTime::now();
+            let not_after = checked_not_after(&ca, now + ttl)?;
+            let cert = ca.issue_server(
+                &names,
+                &ip_addresses,
+                key.public_key_info()?,
+                now - Duration::from_secs(60),
+                not_after,
+            )?;
+            let prefix = out.unwrap_or_else(|| PathBuf::from(&dns_names[0]));
+            write_pair(&prefix, &cert, &key)?;
+            Ok(())
+        }
+    }
+}
+
+fn checked_not_after(
+    ca: &CertificateAuthority,
+    not_after: SystemTime,
+) -> Result<SystemTime, DevCaError> {
+    if not_after > ca.not_after() {
+        return Err(DevCaError::Invalid(
+            "--ttl reaches past the CA's own expiry; shorten it or create a new CA".into(),
+        ));
+    }
+    Ok(not_after)
+}
+
+fn write_pair(prefix: &Path, cert: &str, key: &AppKey) -> Result<(), DevCaError> {
+    let with = |ext: &str| {
+        let mut name = prefix.as_os_str().to_owned();
+        name.push(ext);
+        PathBuf::from(name)
+    };
+    let (cert_path, key_path) = (with(".crt"), with(".key"));
+    devca::write_file(&cert_path, cert, false)?;
+    devca::write_file(&key_path, &key.to_pem()?, true)?;
+    println!("certificate: {}", cert_path.display());
+    println!("key:         {}", key_path.display());
+    Ok(())
+}
+
+fn issue(args: IssueArgs) -> CliResult<()> {
+    let dir = ca_dir(args.dir)?;
+    let ca = CertificateAuthority::load(&dir)?;
+    let role_files = if args.role_files.is_empty() {
+        role_files_in(&dir.join("roles"))?
+    } else {
+        args.role_files
+    };
+    if role_files.is_empty() {
+        return Err(DevCaError::Invalid(format!(
+            "no role files: pass --role-file or put Teleport roles in {}/",
+            dir.join("roles").display()
+        ))
+        .into());
+    }
+    let roles = devca::load_roles(&role_files)?;
+    let user_roles: Vec<String> = args
+        .roles
+        .iter()
+        .map(|r| r.trim().to_owned())
+        .filter(|r| !r.is_empty())
+        .collect();
+    let allowed = devca::allowed_identities(&roles, &user_roles)?;
+    let selected = devca::select_identity(&allowed, args.azure_identity.as_deref())?;
+    if args.user.trim().is_empty() {
+        return Err(DevCaError::Invalid("--user must not be empty".into()).into());
+    }
+    let key = AppKey::generate(args.key_type)?;
+    let now = SystemTime::now();
+    let spec = AppCertificate {
+        user: Some(args.user.clone()),
+        roles: user_roles,
+        selected_identity: Some(selected.clone()),
+        allowed_identities: allowed,
+        not_before: now - Duration::from_secs(60),
+        not_after: checked_not_after(&ca, now + args.ttl)?,
+    };
+    let cert = ca.issue_app(&spec, key.public_key_info()?)?;
+    let prefix = args.out.unwrap_or_else(|| PathBuf::from(&args.user));
+    write_pair(&prefix, &cert, &key)?;
+    println!("user:        {}", args.user);
+    println!("identity:    {selected}");
+    println!("valid for:   {}", human_duration(args.ttl));
+    Ok(())
+}
+
+fn role_files_in(dir: &Path) -> Result<Vec<PathBuf>, DevCaError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(DevCaError::Io(dir.to_owned(), e)),
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn human_duration(duration: Duration) -> String {
+    let s = duration.as_secs();
+    match (s / 86_400, (s % 86_400) / 3_600, (s % 3_600) / 60, s % 60) {
+        (0, 0, 0, sec) => format!("{sec}s"),
+        (0, 0, m, _) => format!("{m}m"),
+        (0, h, m, _) => format!("{h}h{m:02}m"),
+        (d, h, _, _) => format!("{d}d{h}h"),
+    }
+}
+
+/// `azgate identities`: what a certificate allows.
+pub fn identities(args: IdentitiesArgs) -> CliResult<()> {
+    let pem = read(&args.cert, "--cert")?;
+    let identity = azgate_filter::identity::parse_app_certificate(&pem)
+        .map_err(|refusal| DevCaError::Invalid(format!("--cert: {}", refusal.message())))?;
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or_default();
+    let expired = identity.not_after <= now;
+    if args.json {
+        let json = serde_json::json!({
+            "user": identity.user,
+            "roles": identity.roles,
+            "selected_identity": identity.selected_identity,
+            "allowed_identities": identity.allowed_identities,
+            "not_before": identity.not_before,
+            "not_after": identity.not_after,
+            "expired": expired,
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    println!("user:     {}", identity.user);
+    println!("roles:    {}", identity.roles.join(", "));
+    let validity = if expired {
+        "EXPIRED".to_owned()
+    } else {
+        format!(
+            "expires in {}",
+            human_duration(Duration::from_secs(
+                (identity.not_after - now).unsigned_abs()
+            ))
+        )
+    };
+    println!("validity: {validity}");
+    println!("Azure identities (* = selected):");
+    if identity.allowed_identities.is_empty() {
+        println!("  (none)");
+    }
+    for id in &identity.allowed_identities {
+        let mark = identity
+            .selected_identity
+            .as_deref()
+            .is_some_and(|s| s.eq_ignore_ascii_case(id));
+        println!("{} {id}", if mark { "*" } else { " " });
+    }
+    Ok(())
+}
+
+async fn start_proxy(
+    args: &ConnectArgs,
+) -> CliResult<(LocalProxy, StateDir, Vec<(&'static str, String)>)> {
+    let cert_pem = read(&args.cert, "--cert")?;
+    let key = AppKey::from_pem(&read(&args.key, "--key")?)
+        .map_err(|e| DevCaError::Invalid(format!("--key {}: {e}", args.key.display())))?;
+    let gateway_ca_pem = read(&args.ca, "--ca")?;
+    // The user's own proxy carries the non-Azure traffic, as it would without azgate.
+    let user_proxy = ["https_proxy", "HTTPS_PROXY"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok().filter(|v| !v.trim().is_empty()));
+    let no_proxy = ["no_proxy", "NO_PROXY"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok())
+        .map(|v| {
+            v.split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    // A nested azgate (e.g. `azgate az` inside `azgate proxy azure`'s exports) keeps the secret.
+    let secret = std::env::var("IDENTITY_HEADER")
+        .ok()
+        .and_then(|v| EndpointSecret::from_existing(&v))
+        .unwrap_or_else(EndpointSecret::generate);
+    let proxy = LocalProxy::start(ProxyConfig {
+        gateway: args.gateway.clone(),
+        cert_pem,
+        key,
+        gateway_ca_pem,
+        listen: args.listen,
+        upstream_proxy: user_proxy,
+        no_proxy,
+        secret,
+    })
+    .await?;
+    let state = StateDir::create()?;
+    let bundle = state.write_ca_bundle(proxy.local_ca_pem())?;
+    let config_dir = match &args.azure_config_dir {
+        Some(dir) => dir.clone(),
+        None => az::default_config_dir(&args.gateway, proxy.identity())?,
+    };
+    devca::create_private_dir(&config_dir)?;
+    let variables = az::environment(&proxy, &config_dir, &bundle);
+    Ok((proxy, state, variables))
+}
+
+/// `azgate proxy azure`: serve until SIGINT/SIGTERM.
+pub async fn proxy_azure(args: ConnectArgs) -> CliResult<()> {
+    let (proxy, state, variables) = start_proxy(&args).await?;
+    println!(
+        "# azgate proxy for {} via {}",
+        proxy.identity(),
+        args.gateway
+    );
+    println!(
+        "# Run these in the shell where you use az, then: az login --identity --resource-id {}",
+        proxy.identity()
+    );
+    print!("{}", az::export_lines(&variables));
+    tracing::info!(addr = %proxy.local_addr(), identity = proxy.identity(), "local proxy serving");
+    crate::shutdown_signal().await;
+    proxy.shutdown();
+    drop(state);
+    Ok(())
+}
+
+/// `azgate az ...`: the exit code of az.
+pub async fn run_az(args: AzArgs) -> CliResult<i32> {
+    let (proxy, state, variables) = start_proxy(&args.connect).await?;
+    let config_dir = variables
+        .iter()
+        .find(|(name, _)| *name == "AZURE_CONFIG_DIR")
+        .map(|(_, value)| PathBuf::from(value))
+        .unwrap_or_default();
+    if !args.no_login && !az::is_login(&args.args) && !az::logged_in(&config_dir, proxy.identity())
+    {
+        tracing::info!(
+            identity = proxy.identity(),
+            "az is not logged in as the identity: logging in"
+        );
+        az::login(&args.az_binary, &variables, proxy.identity()).await?;
+    }
+    let status = az::run(&args.az_binary, &variables, &args.args).await?;
+    proxy.shutdown();
+    drop(state);
+    Ok(status.code().unwrap_or(1))
+}
