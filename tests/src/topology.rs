@@ -142,9 +142,19 @@ impl Topology {
     /// Starts everything for `runtime`.
     pub async fn start(runtime: Runtime, options: Options) -> Result<Self> {
         let ca = TestCa::new("azgate test CA")?;
+        let azure = FakeAzure::start(&ca.server(AZURE_HOSTS)?).await?;
+        Self::start_with(runtime, options, ca, azure).await
+    }
+
+    /// Starts a gateway for `runtime` trusting `ca`, in front of `azure` (which should serve a
+    /// certificate from `ca` for [`AZURE_HOSTS`]).
+    pub async fn start_with(
+        runtime: Runtime,
+        options: Options,
+        ca: TestCa,
+        azure: FakeAzure,
+    ) -> Result<Self> {
         let imds = Emulator::start("127.0.0.1:0".parse()?).await?;
-        let azure_cert = ca.server(AZURE_HOSTS)?;
-        let azure = FakeAzure::start(&azure_cert).await?;
         let gateway_cert = ca.server(&["localhost"])?;
         let gateway = Gateway::start(runtime, &ca, &gateway_cert, &imds, &azure, &options).await?;
         Ok(Self {

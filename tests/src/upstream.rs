@@ -1,5 +1,9 @@
 //! A fake Azure endpoint over TLS on loopback: records every request it receives (so tests can
 //! assert what reached "Azure", or that nothing did) and answers 200 with a small ARM-style body.
+//!
+//! In ARM mode ([`FakeAzure::start_arm`]) it answers what `az login`, `az vm list` and
+//! `az group list` ask Resource Manager, and only for a real managed-identity token (the IMDS
+//! emulator's: a JWT carrying `xms_mirid` and `aud`); anything else gets ARM's 401.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -55,9 +59,30 @@ pub struct FakeAzure {
     seen: Arc<Mutex<Vec<Seen>>>,
 }
 
+/// How the fake answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// 200 `{"value": [], "fake": "azure"}` to everything.
+    Echo,
+    /// Resource Manager for `az`, refusing anything but an MSI token.
+    Arm,
+}
+
+/// The subscription the ARM fake lists (the emulator's).
+pub const ARM_SUBSCRIPTION_ID: &str = azgate::emulator::SUBSCRIPTION_ID;
+
 impl FakeAzure {
     /// Serves TLS with `server` (a certificate for the Azure host names) on 127.0.0.1.
     pub async fn start(server: &Issued) -> Result<Self> {
+        Self::start_mode(server, Mode::Echo).await
+    }
+
+    /// Serves Resource Manager answers for `az` (see the module docs).
+    pub async fn start_arm(server: &Issued) -> Result<Self> {
+        Self::start_mode(server, Mode::Arm).await
+    }
+
+    async fn start_mode(server: &Issued, mode: Mode) -> Result<Self> {
         let certs = CertificateDer::pem_slice_iter(server.cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .context("server certificate")?;
@@ -88,7 +113,7 @@ impl FakeAzure {
                     let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                         let log = log.clone();
                         let sni = sni.clone();
-                        async move { Ok::<_, hyper::Error>(answer(req, sni, &log).await) }
+                        async move { Ok::<_, hyper::Error>(answer(req, sni, &log, mode).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tls), service)
@@ -122,6 +147,7 @@ async fn answer(
     req: Request<hyper::body::Incoming>,
     sni: Option<String>,
     log: &Mutex<Vec<Seen>>,
+    mode: Mode,
 ) -> Response<Full<Bytes>> {
     let method = req.method().to_string();
     let path = req
@@ -151,14 +177,24 @@ async fn answer(
         .await
         .map(|b| b.to_bytes().to_vec())
         .unwrap_or_default();
-    if let Ok(mut seen) = log.lock() {
-        seen.push(Seen {
-            method,
-            path,
-            sni,
-            headers,
-            body,
-        });
+    let seen = Seen {
+        method,
+        path,
+        sni,
+        headers,
+        body,
+    };
+    let arm = (mode == Mode::Arm).then(|| arm_answer(&seen));
+    if let Ok(mut log) = log.lock() {
+        log.push(seen);
+    }
+    if let Some((status, body)) = arm {
+        return Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .header("x-fake-azure", "arm")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap_or_default();
     }
     let body = serde_json::json!({"value": [], "fake": "azure"}).to_string();
     Response::builder()
@@ -166,4 +202,89 @@ async fn answer(
         .header("x-fake-azure", "1")
         .body(Full::new(Bytes::from(body)))
         .unwrap_or_default()
+}
+
+/// The claims of the request's bearer token if it is a managed-identity token (a JWT with
+/// `xms_mirid` and `aud`, as the IMDS emulator issues them).
+pub fn msi_token_claims(seen: &Seen) -> Option<serde_json::Value> {
+    let token = seen.header("authorization")?.strip_prefix("Bearer ")?;
+    let claims = crate::jwt::payload(token)?;
+    (claims["xms_mirid"].is_string() && claims["aud"].is_string()).then_some(claims)
+}
+
+/// Resource Manager's answer to `seen`: the subscription list, resource groups and VMs of the
+/// one subscription, or ARM-style errors.
+fn arm_answer(seen: &Seen) -> (u16, serde_json::Value) {
+    let error = |status: u16, code: &str, message: String| {
+        (
+            status,
+            serde_json::json!({"error": {"code": code, "message": message}}),
+        )
+    };
+    let Some(claims) = msi_token_claims(seen) else {
+        return error(
+            401,
+            "InvalidAuthenticationToken",
+            "fake ARM: the request carries no managed-identity token".into(),
+        );
+    };
+    let identity = claims["xms_mirid"].as_str().unwrap_or_default();
+    let path = seen
+        .path
+        .split('?')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let subscription = format!("/subscriptions/{ARM_SUBSCRIPTION_ID}");
+    if seen.method != "GET" {
+        return error(
+            405,
+            "MethodNotAllowed",
+            format!("fake ARM serves GET only, not {}", seen.method),
+        );
+    }
+    if path == "/subscriptions" {
+        return (
+            200,
+            serde_json::json!({"value": [{
+                "id": subscription,
+                "subscriptionId": ARM_SUBSCRIPTION_ID,
+                "tenantId": azgate::emulator::TENANT_ID,
+                "displayName": "azgate fake subscription",
+                "state": "Enabled",
+                "subscriptionPolicies": {"locationPlacementId": "Public_2014-09-01", "quotaId": "PayAsYouGo_2014-09-01", "spendingLimit": "Off"},
+                "authorizationSource": "RoleBased",
+            }]}),
+        );
+    }
+    if path == format!("{subscription}/resourcegroups") {
+        return (
+            200,
+            serde_json::json!({"value": [
+                {"id": format!("{subscription}/resourceGroups/azgate-demo"), "name": "azgate-demo",
+                 "type": "Microsoft.Resources/resourceGroups", "location": "westeurope",
+                 "properties": {"provisioningState": "Succeeded"}},
+            ]}),
+        );
+    }
+    if path == format!("{subscription}/providers/microsoft.compute/virtualmachines") {
+        // The VM's tag names the identity whose token listed it, so tests see the swap happen.
+        return (
+            200,
+            serde_json::json!({"value": [{
+                "id": format!("{subscription}/resourceGroups/azgate-demo/providers/Microsoft.Compute/virtualMachines/demo-vm"),
+                "name": "demo-vm",
+                "type": "Microsoft.Compute/virtualMachines",
+                "location": "westeurope",
+                "tags": {"listed-for": identity},
+                "properties": {
+                    "vmId": "6c7cd2f4-0000-4000-8000-00000000a2a7",
+                    "hardwareProfile": {"vmSize": "Standard_B1s"},
+                    "provisioningState": "Succeeded",
+                    "storageProfile": {"osDisk": {"osType": "Linux", "name": "demo-vm-os", "createOption": "FromImage"}},
+                },
+            }]}),
+        );
+    }
+    error(404, "NotFound", format!("fake ARM has nothing at {path}"))
 }
