@@ -210,6 +210,55 @@ impl Workstation {
     }
 }
 
+impl Workstation {
+    /// Starts `azgate proxy azure` for `user` and reads the variables it exports.
+    async fn proxy_azure(
+        &self,
+        topology: &Topology,
+        user: &str,
+    ) -> Result<(Vec<(String, String)>, tokio::process::Child)> {
+        use tokio::io::AsyncBufReadExt;
+        let mut command = tokio::process::Command::new(&self.azgate);
+        for name in SCRUBBED {
+            command.env_remove(name);
+        }
+        command
+            .args(["proxy", "azure", "--gateway"])
+            .arg(format!("localhost:{}", topology.gateway.mtls.port()))
+            .arg("--cert")
+            .arg(self.dir.join(format!("{user}.crt")))
+            .arg("--key")
+            .arg(self.dir.join(format!("{user}.key")))
+            .arg("--ca")
+            .arg(self.dir.join("ca/ca.crt"))
+            .env("AZGATE_HOME", self.dir.join("home"))
+            .env("HTTPS_PROXY", "http://127.0.0.1:9")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        let mut child = command.spawn()?;
+        let stdout = child.stdout.take().context("proxy stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let mut exports = Vec::new();
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+                .await
+                .context("azgate proxy azure printed nothing")??
+                .context("azgate proxy azure exited")?;
+            if line.starts_with("unset ") {
+                break;
+            }
+            if let Some((name, value)) =
+                line.strip_prefix("export ").and_then(|l| l.split_once('='))
+            {
+                exports.push((name.to_owned(), value.trim_matches('\'').to_owned()));
+            }
+        }
+        Ok((exports, child))
+    }
+}
+
 impl Drop for Workstation {
     fn drop(&mut self) {
         if std::env::var_os("AZGATE_KEEP_LOGS").is_none() {
@@ -391,6 +440,41 @@ async fn run(runtime: Runtime) -> Result<()> {
     ensure!(claims.resource == ARM_RESOURCE, "{}", claims.resource);
     ensure!(token["subscription"] == ARM_SUBSCRIPTION_ID, "{token}");
 
+    // `azgate proxy azure` prints the exports; the plain az in that environment works too, and
+    // shares the login state `azgate az` left (same AZURE_CONFIG_DIR for the same identity).
+    let (exports, proxy) = ws.proxy_azure(&topology, "alice").await?;
+    for name in [
+        "AZURE_CONFIG_DIR",
+        "REQUESTS_CA_BUNDLE",
+        "HTTPS_PROXY",
+        "IDENTITY_ENDPOINT",
+        "IDENTITY_HEADER",
+        "MSI_ENDPOINT",
+    ] {
+        ensure!(
+            exports.iter().any(|(k, _)| k == name),
+            "{name} not exported: {exports:?}"
+        );
+    }
+    let mut plain_az = tokio::process::Command::new(&ws.az);
+    for name in SCRUBBED {
+        plain_az.env_remove(name);
+    }
+    plain_az
+        .args(["vm", "list", "--output", "json"])
+        .env("AZURE_CORE_COLLECT_TELEMETRY", "false")
+        .envs(exports.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null());
+    let plain = tokio::time::timeout(Duration::from_secs(120), plain_az.output()).await??;
+    ensure!(
+        plain.status.success(),
+        "az vm list with the exports: {}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    let plain_vms: serde_json::Value = serde_json::from_slice(&plain.stdout)?;
+    ensure!(plain_vms[0]["tags"]["listed-for"] == READER, "{plain_vms}");
+    drop(proxy);
+
     // bob (RSA key) has never logged in: azgate az logs in with his identity first.
     let bob_vms = ws
         .az(&topology, "bob", &["vm", "list"])
@@ -431,8 +515,8 @@ async fn run(runtime: Runtime) -> Result<()> {
     ensure!(
         count(&format!(
             "/subscriptions/{ARM_SUBSCRIPTION_ID}/providers/microsoft.compute/virtualmachines"
-        )) == 2,
-        "{paths:?}"
+        )) == 3,
+        "alice twice (azgate az, plain az), bob once: {paths:?}"
     );
     ensure!(
         count(&format!(
