@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use azgate_tests::pki::TestCa;
-use azgate_tests::topology::{AZURE_HOSTS, Options, Runtime, Topology, repo_root};
+use azgate_tests::topology::{AZURE_HOSTS, Options, Runtime, Topology, azgate_binary, repo_root};
 use azgate_tests::upstream::{ARM_SUBSCRIPTION_ID, FakeAzure, msi_token_claims};
 
 const READER: &str = "/subscriptions/00000000-0000-0000-0000-00000000a2a7/resourceGroups/azgate-demo/providers/Microsoft.ManagedIdentity/userAssignedIdentities/reader";
@@ -269,26 +269,6 @@ impl Drop for Workstation {
 
 fn path(p: &Path) -> &str {
     p.to_str().unwrap_or_default()
-}
-
-/// `$AZGATE_BIN`, or `azgate` next to this test's own target directory.
-fn azgate_binary() -> Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("AZGATE_BIN") {
-        return Ok(PathBuf::from(bin));
-    }
-    let exe = std::env::current_exe()?;
-    // target/debug/deps/workstation-<hash> → target/debug/azgate
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("azgate"))
-        .context("test binary has no target directory")?;
-    ensure!(
-        bin.exists(),
-        "azgate binary not built at {} (cargo build -p azgate)",
-        bin.display()
-    );
-    Ok(bin)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
