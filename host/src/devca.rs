@@ -506,38 +506,27 @@ fn validity(not_before: SystemTime, not_after: SystemTime) -> Result<Validity, D
 
 // === roles and identity selection ===
 
-/// Reads Teleport roles from files: YAML (one role per document, `---` between) or JSON (a role
-/// or a list of roles), validated with the gateway's own rules (`azgate_filter::config`).
+/// Reads Teleport role files (YAML, one role per `---` document) the way `azgate serve` reads
+/// its `filter.role_files` ([`crate::serve::read_role_file`]), and validates them with the
+/// filter's own rules (`azgate_filter::config::parse_roles`), so the dev CA and the gateway agree
+/// on every role.
 pub fn load_roles(paths: &[PathBuf]) -> Result<RoleSet, DevCaError> {
     let mut all = Vec::new();
     for path in paths {
-        let text = std::fs::read_to_string(path).map_err(|e| DevCaError::Io(path.clone(), e))?;
-        let roles = parse_role_documents(&text)
-            .map_err(|e| DevCaError::Invalid(format!("{}: {e}", path.display())))?;
+        let roles =
+            crate::serve::read_role_file(path).map_err(|e| DevCaError::Invalid(e.to_string()))?;
+        if roles.is_empty() {
+            return Err(DevCaError::Invalid(format!(
+                "{}: no roles in the file",
+                path.display()
+            )));
+        }
         // Validate each file alone first, so errors name the file.
         parse_roles(roles.clone())
             .map_err(|e| DevCaError::Invalid(format!("{}: {e}", path.display())))?;
         all.extend(roles);
     }
     parse_roles(all).map_err(|e| DevCaError::Invalid(format!("role files: {e}")))
-}
-
-/// The role documents in one file's text.
-pub fn parse_role_documents(text: &str) -> Result<Vec<serde_json::Value>, String> {
-    use serde::Deserialize;
-    let mut roles = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
-        let value = serde_json::Value::deserialize(document).map_err(|e| e.to_string())?;
-        match value {
-            serde_json::Value::Null => {}
-            serde_json::Value::Array(list) => roles.extend(list),
-            other => roles.push(other),
-        }
-    }
-    if roles.is_empty() {
-        return Err("no roles in the file".into());
-    }
-    Ok(roles)
 }
 
 /// The identities `user_roles` allow, refusing role names the role files do not define (Teleport
@@ -731,11 +720,12 @@ mod tests {
             ),
         )
         .unwrap();
+        // JSON is YAML: a role exported as JSON reads too.
         let json = dir.join("more.json");
         std::fs::write(
             &json,
-            serde_json::json!([{"kind": "role", "version": "v7", "metadata": {"name": "lockdown"},
-                "spec": {"deny": {"azure_identities": ["*"]}}}])
+            serde_json::json!({"kind": "role", "version": "v7", "metadata": {"name": "lockdown"},
+                "spec": {"deny": {"azure_identities": ["*"]}}})
             .to_string(),
         )
         .unwrap();
@@ -761,7 +751,7 @@ mod tests {
         let bad = dir.join("bad.yaml");
         std::fs::write(
             &bad,
-            "kind: role\nmetadata: {name: x}\nspec:\n  allow:\n    azure_identities: ['*']\n",
+            "kind: role\nversion: v7\nmetadata: {name: x}\nspec:\n  allow:\n    azure_identities: ['*']\n",
         )
         .unwrap();
         let err = load_roles(&[bad]).unwrap_err().to_string();
