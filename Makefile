@@ -31,8 +31,9 @@ $(ENVOY):
 build:
 	$(CARGO) build --workspace
 
-## Everything: unit tests, the filter in the real Envoy, real Azure clients.
-test: wasm envoy test-unit test-filter test-clients
+## Everything: unit tests, the filter in the real Envoy, real Azure clients, and az end to end
+## through azgate az / azgate proxy azure and each gateway.
+test: wasm envoy test-unit test-filter test-clients test-workstation
 
 test-unit: wasm
 	$(CARGO) test -p azgate-filter -p azgate -p azgate-wasmhost
@@ -43,6 +44,12 @@ test-filter: wasm envoy
 
 test-clients:
 	@if [ -f tests/clients/run.sh ]; then bash tests/clients/run.sh; else echo "tests/clients/run.sh not present: skipped"; fi
+
+## The real az CLI through `azgate az` and `azgate proxy azure`, behind Envoy and azgate serve.
+test-workstation: wasm envoy
+	bash tests/clients/venv.sh
+	$(CARGO) build -p azgate
+	$(CARGO) test -p azgate-tests --test workstation
 
 lint: wasm-target
 	$(CARGO) fmt --all -- --check

@@ -9,19 +9,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$repo"
 
 venv="$repo/.venv"
-requirements=("azure-cli==2.91.*" "azure-identity==1.27.*" "pytest==9.*")
-stamp="$venv/.azgate-clients-requirements"
-
-if [[ ! -x "$venv/bin/python" ]]; then
-    echo "run.sh: creating $venv" >&2
-    python3 -m venv "$venv"
-fi
-# Install when the pins change (or on a fresh venv); ~1 minute and ~700 MB for azure-cli.
-if [[ ! -f "$stamp" || "$(cat "$stamp")" != "${requirements[*]}" ]]; then
-    echo "run.sh: installing ${requirements[*]}" >&2
-    "$venv/bin/python" -m pip install --disable-pip-version-check --quiet "${requirements[@]}"
-    echo "${requirements[*]}" >"$stamp"
-fi
+bash "$repo/tests/clients/venv.sh"
 
 # CI runs this from a clean clone: build into the default target dir and point the tests at it.
 env -u CARGO_TARGET_DIR cargo build --quiet -p azgate
