@@ -136,21 +136,24 @@ struct Workstation {
 
 impl Workstation {
     fn new(runtime: Runtime) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!(
-            "azgate-workstation-{}-{}",
-            runtime.name(),
-            std::process::id()
-        ));
+        let ws = Self::new_plain(runtime.name())?;
+        ensure!(
+            ws.az.exists(),
+            "the Azure CLI is not at {} (run tests/clients/venv.sh, or set AZGATE_AZ)",
+            ws.az.display()
+        );
+        Ok(ws)
+    }
+
+    /// A workstation for the azgate commands alone (az may be missing).
+    fn new_plain(name: &str) -> Result<Self> {
+        let dir =
+            std::env::temp_dir().join(format!("azgate-workstation-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let az = std::env::var_os("AZGATE_AZ")
             .map(PathBuf::from)
             .unwrap_or_else(|| repo_root().join(".venv/bin/az"));
-        ensure!(
-            az.exists(),
-            "the Azure CLI is not at {} (run tests/clients/run.sh, or set AZGATE_AZ)",
-            az.display()
-        );
         Ok(Self {
             dir,
             azgate: azgate_binary()?,
@@ -367,6 +370,8 @@ async fn run(runtime: Runtime) -> Result<()> {
         Options {
             plugin_config,
             concurrency: 1,
+            // azgate serve as deployed: tokens from its in-process token service.
+            in_process_token_service: runtime == Runtime::Serve,
         },
         ca,
         azure.clone(),
@@ -561,5 +566,128 @@ async fn run(runtime: Runtime) -> Result<()> {
     if !topology.gateway.log().is_empty() && std::env::var_os("AZGATE_KEEP_LOGS").is_some() {
         eprintln!("gateway log kept");
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_ca_commands_from_init_to_issue() -> Result<()> {
+    let ws = Workstation::new_plain("devca")?;
+    let ca_dir = ws.dir.join("home/ca");
+    // `ca init` with the default directory ($AZGATE_HOME/ca), then refuses to overwrite it.
+    let init = ws.azgate(&["ca", "init"]).await?.ok("ca init")?;
+    ensure!(
+        init.stdout.contains("ca.crt") && ca_dir.join("ca.key").exists(),
+        "{}",
+        init.stdout
+    );
+    let again = ws.azgate(&["ca", "init"]).await?;
+    ensure!(
+        again.code != Some(0) && again.stderr.contains("already initialised"),
+        "{}",
+        again.stderr
+    );
+    std::fs::write(ca_dir.join("roles/roles.yaml"), CA_ROLES)?;
+
+    // Role files come from the CA's roles/ by default; unknown roles and a TTL past the CA's
+    // expiry are refused with the reason.
+    let out = ws.dir.join("carol");
+    let issued = ws
+        .azgate(&[
+            "ca",
+            "issue",
+            "--user",
+            "carol",
+            "--roles",
+            "azure-admin",
+            "--azure-identity",
+            READER,
+            "--ttl",
+            "1h",
+            "--out",
+            path(&out),
+        ])
+        .await?
+        .ok("ca issue carol")?;
+    ensure!(issued.stdout.contains(READER), "{}", issued.stdout);
+    let unknown = ws
+        .azgate(&["ca", "issue", "--user", "x", "--roles", "ghost"])
+        .await?;
+    ensure!(
+        unknown.code != Some(0) && unknown.stderr.contains("\"ghost\" is not defined"),
+        "{}",
+        unknown.stderr
+    );
+    let too_long = ws
+        .azgate(&[
+            "ca",
+            "issue",
+            "--user",
+            "x",
+            "--roles",
+            "azure-reader",
+            "--ttl",
+            "400d",
+        ])
+        .await?;
+    ensure!(
+        too_long.code != Some(0) && too_long.stderr.contains("CA's own expiry"),
+        "{}",
+        too_long.stderr
+    );
+    let no_match = ws
+        .azgate(&[
+            "ca",
+            "issue",
+            "--user",
+            "x",
+            "--roles",
+            "azure-admin",
+            "--azure-identity",
+            "writer",
+        ])
+        .await?;
+    ensure!(
+        no_match.code != Some(0) && no_match.stderr.contains("failed to find"),
+        "{}",
+        no_match.stderr
+    );
+
+    // The text listing marks the selected identity.
+    let listed = ws
+        .azgate(&["identities", "--cert", path(&ws.dir.join("carol.crt"))])
+        .await?
+        .ok("identities")?;
+    ensure!(
+        listed.stdout.contains("user:     carol"),
+        "{}",
+        listed.stdout
+    );
+    ensure!(
+        listed.stdout.contains(&format!("* {READER}"))
+            && listed.stdout.contains(&format!("  {ADMIN}")),
+        "{}",
+        listed.stdout
+    );
+
+    // The key is private to its owner; a server certificate for a dev gateway.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(ws.dir.join("carol.key"))?
+        .permissions()
+        .mode();
+    ensure!(mode & 0o777 == 0o600, "key mode {mode:o}");
+    let server = ws.dir.join("gateway");
+    ws.azgate(&[
+        "ca",
+        "server",
+        "--dns",
+        "localhost",
+        "--ip",
+        "127.0.0.1",
+        "--out",
+        path(&server),
+    ])
+    .await?
+    .ok("ca server")?;
+    ensure!(std::fs::read_to_string(ws.dir.join("gateway.crt"))?.contains("BEGIN CERTIFICATE"));
     Ok(())
 }
