@@ -348,6 +348,10 @@ pub fn identities(args: IdentitiesArgs) -> CliResult<()> {
 async fn start_proxy(
     args: &ConnectArgs,
 ) -> CliResult<(LocalProxy, StateDir, Vec<(&'static str, String)>)> {
+    if !args.listen.ip().is_loopback() {
+        // Whoever reaches the port can use the certificate's session (as with tsh's proxy).
+        tracing::warn!(listen = %args.listen, "the local proxy listens on a non-loopback address");
+    }
     let cert_pem = read(&args.cert, "--cert")?;
     let key = AppKey::from_pem(&read(&args.key, "--key")?)
         .map_err(|e| DevCaError::Invalid(format!("--key {}: {e}", args.key.display())))?;
