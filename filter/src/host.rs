@@ -44,6 +44,17 @@ struct Shared {
     verified: RefCell<VerificationCache>,
 }
 
+/// A call-out answer reaches the broker whichever context dispatched it (the root re-dispatches
+/// fetches whose request went away).
+fn deliver_call_response(shared: Option<&Shared>, token: u32, headers: usize, body: usize) {
+    if let Some(shared) = shared {
+        shared
+            .broker
+            .borrow_mut()
+            .on_call_response(&shared.config, token, headers, body);
+    }
+}
+
 // === impl Root ===
 
 struct Root {
@@ -59,12 +70,7 @@ impl Root {
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, headers: usize, body: usize, _: usize) {
-        if let Some(shared) = &self.shared {
-            shared
-                .broker
-                .borrow_mut()
-                .on_call_response(&shared.config, token, headers, body);
-        }
+        deliver_call_response(self.shared.as_deref(), token, headers, body);
     }
 }
 
@@ -126,12 +132,7 @@ struct Request {
 
 impl Context for Request {
     fn on_http_call_response(&mut self, token: u32, headers: usize, body: usize, _: usize) {
-        if let Some(shared) = &self.shared {
-            shared
-                .broker
-                .borrow_mut()
-                .on_call_response(&shared.config, token, headers, body);
-        }
+        deliver_call_response(self.shared.as_deref(), token, headers, body);
     }
 
     fn on_done(&mut self) -> bool {
