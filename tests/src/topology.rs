@@ -64,40 +64,49 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// The Envoy binary: `$AZGATE_ENVOY`, or the project-local install made by `make envoy`.
-pub fn envoy_binary() -> Result<PathBuf> {
-    let path = std::env::var_os("AZGATE_ENVOY")
+/// A built artifact: `$var`, or `default` under the repository root; an error naming the make
+/// target (or command) that builds it when missing.
+fn built_artifact(var: &str, default: &str, what: &str, build_with: &str) -> Result<PathBuf> {
+    let path = std::env::var_os(var)
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".tools/envoy/envoy/_bin/envoy"));
-    if !path.exists() {
-        bail!("Envoy not found at {} (run `make envoy`)", path.display());
-    }
-    Ok(path)
-}
-
-/// The `azgate` binary: `$AZGATE_BIN`, or the debug build (`cargo build -p azgate`).
-pub fn azgate_binary() -> Result<PathBuf> {
-    let path = std::env::var_os("AZGATE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target/debug/azgate"));
+        .unwrap_or_else(|| repo_root().join(default));
     if !path.exists() {
         bail!(
-            "azgate not built at {} (run `cargo build -p azgate`)",
+            "{what} not found at {} (run `{build_with}`)",
             path.display()
         );
     }
     Ok(path)
 }
 
+/// The Envoy binary: `$AZGATE_ENVOY`, or the project-local install made by `make envoy`.
+pub fn envoy_binary() -> Result<PathBuf> {
+    built_artifact(
+        "AZGATE_ENVOY",
+        ".tools/envoy/envoy/_bin/envoy",
+        "Envoy",
+        "make envoy",
+    )
+}
+
+/// The `azgate` binary: `$AZGATE_BIN`, or the debug build (`cargo build -p azgate`).
+pub fn azgate_binary() -> Result<PathBuf> {
+    built_artifact(
+        "AZGATE_BIN",
+        "target/debug/azgate",
+        "azgate",
+        "cargo build -p azgate",
+    )
+}
+
 /// The filter: `$AZGATE_WASM`, or the release build made by `make wasm`.
 pub fn filter_wasm() -> Result<PathBuf> {
-    let path = std::env::var_os("AZGATE_WASM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target/wasm32-wasip1/release/azgate_filter.wasm"));
-    if !path.exists() {
-        bail!("filter not built at {} (run `make wasm`)", path.display());
-    }
-    Ok(path)
+    built_artifact(
+        "AZGATE_WASM",
+        "target/wasm32-wasip1/release/azgate_filter.wasm",
+        "the filter",
+        "make wasm",
+    )
 }
 
 /// How to build a topology.

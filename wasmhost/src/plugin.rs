@@ -325,14 +325,7 @@ impl Vm {
             .stream(id)
             .map(|s| s.request_headers.len())
             .unwrap_or(0) as i32;
-        self.store.data_mut().effective = id;
-        let raw = callback
-            .call(
-                &mut self.store,
-                (id as i32, count, i32::from(end_of_stream)),
-            )
-            .map_err(|e| self.trapped(e))?;
-        Ok(Action::from_raw(raw))
+        self.call_headers(&callback, id, count, end_of_stream)
     }
 
     /// `proxy_on_response_headers`, after storing the upstream's response headers.
@@ -350,6 +343,17 @@ impl Vm {
         let Some(callback) = self.callbacks.response_headers.clone() else {
             return Ok(Action::Continue);
         };
+        self.call_headers(&callback, id, count, end_of_stream)
+    }
+
+    /// Runs a request- or response-headers callback on stream `id`.
+    fn call_headers(
+        &mut self,
+        callback: &TypedFunc<(i32, i32, i32), i32>,
+        id: u32,
+        count: i32,
+        end_of_stream: bool,
+    ) -> Result<Action, HostError> {
         self.store.data_mut().effective = id;
         let raw = callback
             .call(
