@@ -126,6 +126,10 @@ pub async fn start(
     for listener in &config.listeners {
         let socket = std::net::TcpListener::bind(listener.address)?;
         socket.set_nonblocking(true)?;
+        let local_subject = listener
+            .tls
+            .as_ref()
+            .and_then(|tls_config| tls::certificate_subject(&tls_config.cert));
         let tls = match &listener.tls {
             Some(tls_config) => Some(tls::server_config(tls_config)?),
             None => {
@@ -134,7 +138,7 @@ pub async fn start(
             }
         };
         println!("listener {} on {}", listener.name, socket.local_addr()?);
-        listeners.push((socket, tls));
+        listeners.push((socket, tls, local_subject));
     }
 
     let workers = config.workers.unwrap_or_else(|| {
@@ -149,10 +153,11 @@ pub async fn start(
         let stats = Arc::new(WorkerStats::default());
         all_stats.push(stats.clone());
         let mut specs = Vec::new();
-        for (socket, tls) in &listeners {
+        for (socket, tls, local_subject) in &listeners {
             specs.push(proxy::ListenerSpec {
                 listener: socket.try_clone()?,
                 tls: tls.clone(),
+                local_subject: local_subject.clone(),
             });
         }
         let (plugin, clusters, stop, ready) = (

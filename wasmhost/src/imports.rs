@@ -769,9 +769,15 @@ fn add_properties(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         "env",
         "proxy_set_property",
-        |_caller: Ctx<'_>, _pp: i32, _pl: i32, _vp: i32, _vl: i32| -> wasmtime::Result<i32> {
-            // No writable properties (Envoy's filter state) in this host.
-            Ok(status::NOT_FOUND)
+        |mut caller: Ctx<'_>, pp: i32, pl: i32, vp: i32, vl: i32| -> wasmtime::Result<i32> {
+            // Envoy keeps these in the stream's filter state; without a stream there is none.
+            let path = read(&caller, pp, pl)?;
+            let value = read(&caller, vp, vl)?;
+            let Some(stream) = caller.data_mut().effective_stream_mut() else {
+                return Ok(status::NOT_FOUND);
+            };
+            stream.properties.insert(path, value);
+            Ok(status::OK)
         },
     )?;
     Ok(())

@@ -17,12 +17,29 @@ pub(crate) fn lookup(state: &HostState, path: &[String]) -> Option<Vec<u8>> {
         _ => {}
     }
     let stream = state.effective_stream()?;
+    // What the filter set itself comes first (Envoy reads its filter state by the first path
+    // segment before the built-in attributes).
+    if let [name] = parts.as_slice()
+        && let Some(value) = stream.properties.get(name.as_bytes())
+    {
+        return Some(value.clone());
+    }
     let header = |name: &str| -> Option<Vec<u8>> {
         stream
             .request_headers
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone())
+    };
+    // Envoy joins repeated headers with a comma.
+    let joined = |name: &str| -> Option<Vec<u8>> {
+        let values: Vec<&[u8]> = stream
+            .request_headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+            .collect();
+        (!values.is_empty()).then(|| values.join(&b","[..]))
     };
     match parts.as_slice() {
         ["source", "address"] => stream.info.source.map(|a| a.to_string().into_bytes()),
@@ -33,6 +50,16 @@ pub(crate) fn lookup(state: &HostState, path: &[String]) -> Option<Vec<u8>> {
         ["connection", "subject_peer_certificate"] => {
             stream.info.peer_subject.clone().map(String::into_bytes)
         }
+        ["connection", "subject_local_certificate"] => {
+            stream.info.local_subject.clone().map(String::into_bytes)
+        }
+        ["connection", "sha256_peer_certificate_digest"] => stream
+            .info
+            .peer_certificate_sha256
+            .clone()
+            .map(String::into_bytes),
+        ["connection", "tls_version"] => stream.info.tls_version.clone().map(String::into_bytes),
+        ["connection", "id"] => stream.info.connection_id.map(|id| int(id as i64)),
         ["request", "path"] => header(":path"),
         ["request", "url_path"] => header(":path").map(|p| {
             let end = p.iter().position(|b| *b == b'?').unwrap_or(p.len());
@@ -48,7 +75,7 @@ pub(crate) fn lookup(state: &HostState, path: &[String]) -> Option<Vec<u8>> {
         ["request", "id"] => Some(stream.info.request_id.clone().into_bytes()),
         ["request", "protocol"] => Some(stream.info.protocol.clone().into_bytes()),
         ["request", "headers"] => Some(abi::serialize_pairs(&regular(stream))),
-        ["request", "headers", name] => header(&name.to_ascii_lowercase()),
+        ["request", "headers", name] => joined(&name.to_ascii_lowercase()),
         ["request", "time"] => stream
             .info
             .started

@@ -31,6 +31,14 @@ pub struct StreamInfo {
     pub request_id: String,
     /// When the request arrived.
     pub started: Option<SystemTime>,
+    /// The downstream connection's process-unique id.
+    pub connection_id: Option<u64>,
+    /// The negotiated TLS version (`TLSv1.3`, `TLSv1.2`).
+    pub tls_version: Option<String>,
+    /// SHA-256 of the client certificate (DER), lower-case hex.
+    pub peer_certificate_sha256: Option<String>,
+    /// The subject (RFC 4514) of the certificate this gateway presented.
+    pub local_subject: Option<String>,
 }
 
 /// One HTTP stream's state.
@@ -46,6 +54,9 @@ pub struct Stream {
     pub response_trailers: HeaderList,
     /// Facts for properties.
     pub info: StreamInfo,
+    /// Properties the filter set (`proxy_set_property`), by `\0`-joined path: Envoy keeps them
+    /// in the stream's filter state, readable by later `proxy_get_property` calls.
+    pub properties: HashMap<Vec<u8>, Vec<u8>>,
 }
 
 /// What the filter asked to happen to a stream; carried out after the callback returns.

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -41,6 +42,8 @@ pub(crate) struct Forwarding {
 pub(crate) struct ListenerSpec {
     pub(crate) listener: std::net::TcpListener,
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+    /// Subject of the listener's own certificate (`connection.subject_local_certificate`).
+    pub(crate) local_subject: Option<String>,
 }
 
 /// What the gateway knows about a connection.
@@ -49,7 +52,14 @@ struct Connection {
     local: SocketAddr,
     certificate: Option<PeerCertificate>,
     tls: bool,
+    /// Process-unique (`connection.id`).
+    id: u64,
+    tls_version: Option<String>,
+    local_subject: Option<String>,
 }
+
+/// The next `connection.id`.
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
 /// Runs hyper's HTTP/2 tasks on the worker's thread (the service is not `Send`).
 #[derive(Clone, Copy)]
@@ -73,6 +83,7 @@ pub(crate) async fn serve_listener(
 ) -> std::io::Result<()> {
     let listener = TcpListener::from_std(spec.listener)?;
     let acceptor = spec.tls.map(TlsAcceptor::from);
+    let local_subject = spec.local_subject;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -80,6 +91,7 @@ pub(crate) async fn serve_listener(
                 let local = tcp.local_addr().unwrap_or(peer);
                 let _ = tcp.set_nodelay(true);
                 let (worker, forwarding, acceptor) = (worker.clone(), forwarding.clone(), acceptor.clone());
+                let local_subject = local_subject.clone();
                 tokio::task::spawn_local(async move {
                     match acceptor {
                         Some(acceptor) => {
@@ -90,11 +102,28 @@ pub(crate) async fn serve_listener(
                                 .peer_certificates()
                                 .and_then(|chain| chain.first())
                                 .map(|der| tls::peer_certificate(der));
-                            let connection = Rc::new(Connection { peer, local, certificate, tls: true });
+                            let tls_version = stream.get_ref().1.protocol_version().map(tls::version_name);
+                            let connection = Rc::new(Connection {
+                                peer,
+                                local,
+                                certificate,
+                                tls: true,
+                                id: NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed),
+                                tls_version,
+                                local_subject,
+                            });
                             serve_http(worker, forwarding, connection, TokioIo::new(stream)).await;
                         }
                         None => {
-                            let connection = Rc::new(Connection { peer, local, certificate: None, tls: false });
+                            let connection = Rc::new(Connection {
+                                peer,
+                                local,
+                                certificate: None,
+                                tls: false,
+                                id: NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed),
+                                tls_version: None,
+                                local_subject: None,
+                            });
                             serve_http(worker, forwarding, connection, TokioIo::new(tcp)).await;
                         }
                     }
@@ -171,6 +200,10 @@ async fn handle(
         },
         request_id: request_id(),
         started: Some(SystemTime::now()),
+        connection_id: Some(connection.id),
+        tls_version: connection.tls_version.clone(),
+        peer_certificate_sha256: connection.certificate.as_ref().map(|c| c.sha256.clone()),
+        local_subject: connection.local_subject.clone(),
     };
     let end_of_stream = request.body().is_end_stream();
     let (id, pending) = match worker.start_stream(headers, info, end_of_stream) {

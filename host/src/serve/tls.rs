@@ -145,6 +145,24 @@ pub(crate) struct PeerCertificate {
     pub(crate) xfcc: String,
     /// Subject, RFC 4514.
     pub(crate) subject: String,
+    /// SHA-256 of the DER, lower-case hex.
+    pub(crate) sha256: String,
+}
+
+/// The subject (RFC 4514) of the first certificate in a PEM file.
+pub(crate) fn certificate_subject(path: &std::path::Path) -> Option<String> {
+    let first = read_certs(path).ok()?.into_iter().next()?;
+    let cert = x509_cert::Certificate::from_der(first.as_ref()).ok()?;
+    Some(cert.tbs_certificate.subject.to_string())
+}
+
+/// Envoy's name of a TLS version (`connection.tls_version`).
+pub(crate) fn version_name(version: rustls::ProtocolVersion) -> String {
+    match version {
+        rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".into(),
+        rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".into(),
+        other => format!("{other:?}"),
+    }
 }
 
 /// Characters of the PEM escaped in XFCC's `Cert=` (everything but RFC 3986 unreserved).
@@ -186,7 +204,11 @@ pub(crate) fn peer_certificate(der: &[u8]) -> PeerCertificate {
         xfcc.push_str(";DNS=");
         xfcc.push_str(&name);
     }
-    PeerCertificate { xfcc, subject }
+    PeerCertificate {
+        xfcc,
+        subject,
+        sha256: hash,
+    }
 }
 
 /// URI (`uris = true`) or DNS subject alternative names.
