@@ -383,6 +383,29 @@ async fn forward(
     if let Some(local) = worker.response_headers(id, response_headers, body.is_end_stream()) {
         return Ok(local_response(local));
     }
+    // What the filter changed in the response headers goes to the client, as in Envoy.
+    if let Some(filtered) = worker.response_headers_now(id) {
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in &filtered {
+            if name == ":status" {
+                if let Some(status) = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|s| s.parse::<u16>().ok())
+                    .and_then(|s| http::StatusCode::from_u16(s).ok())
+                {
+                    parts.status = status;
+                }
+                continue;
+            }
+            if let (Ok(name), Ok(value)) = (
+                http::HeaderName::from_bytes(name.as_bytes()),
+                http::HeaderValue::from_bytes(value),
+            ) {
+                headers.append(name, value);
+            }
+        }
+        parts.headers = headers;
+    }
     for name in [
         "connection",
         "keep-alive",

@@ -108,6 +108,14 @@ impl Worker {
             .map(|s| s.request_headers.clone())
     }
 
+    /// The response headers as the filter left them (after `proxy_on_response_headers`).
+    pub(crate) fn response_headers_now(&self, id: u32) -> Option<HeaderList> {
+        self.vm
+            .borrow()
+            .stream(id)
+            .map(|s| s.response_headers.clone())
+    }
+
     /// Runs `proxy_on_response_headers`; a local response made there replaces the answer.
     pub(crate) fn response_headers(
         self: &Rc<Self>,
