@@ -239,7 +239,7 @@ async fn handle(
                 .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
                 .unwrap_or_else(|| "LocalResponse".into());
             worker.stats.request("deny", &code);
-            local_response(local)
+            local_response(through_response_headers(&worker, id, local))
         }
         Outcome::Close => answer_error(&worker, &ServeError::StreamClosed),
         Outcome::Failed(error) => answer_error(&worker, &ServeError::Filter(error)),
@@ -419,6 +419,31 @@ async fn forward(
         parts,
         body.map_err(BoxError::from).boxed(),
     ))
+}
+
+/// Runs the filter's `proxy_on_response_headers` on its own local response, as Envoy passes a
+/// local reply through the encoder filters, and returns the response as the filter left it.
+fn through_response_headers(worker: &Rc<Worker>, id: u32, local: LocalResponse) -> LocalResponse {
+    let mut headers: HeaderList = vec![(":status".into(), local.status.to_string().into_bytes())];
+    headers.extend(local.headers.iter().cloned());
+    // A second local response made there is ignored, as Envoy ignores one during a reply.
+    let _ = worker.response_headers(id, headers, local.body.is_empty());
+    let Some(filtered) = worker.response_headers_now(id) else {
+        return local;
+    };
+    let status = filtered
+        .iter()
+        .find(|(k, _)| k == ":status")
+        .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok())
+        .unwrap_or(local.status);
+    LocalResponse {
+        status,
+        headers: filtered
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with(':'))
+            .collect(),
+        ..local
+    }
 }
 
 fn local_response(local: LocalResponse) -> Response<ResponseBody> {
