@@ -19,9 +19,11 @@ use anyhow::{Context, Result, bail};
 use azgate::emulator::Fault;
 use azgate_tests::pki::{AppCertSpec, KeyKind};
 use azgate_tests::topology::{self, Options, Runtime, Topology};
+use base64::Engine as _;
 use libtest_mimic::{Arguments, Failed, Trial};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use sha2::Digest as _;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 
@@ -31,14 +33,30 @@ const CAS_REQUESTS: u64 = 6;
 /// Observations: scenario → key → value, per runtime.
 type Observations = BTreeMap<String, BTreeMap<String, Value>>;
 
-/// A difference pinned as an Envoy quirk (or an azgate limitation), with its reason.
+/// Differences pinned as an Envoy quirk (or an azgate limitation) with their reason: for each
+/// listed observation of `scenario`, the exact value each runtime must show.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuirkGroup {
+    scenario: String,
+    explanation: String,
+    observations: BTreeMap<String, Pinned>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Pinned {
+    envoy: Value,
+    serve: Value,
+}
+
+/// One pinned observation.
+#[derive(Debug)]
 struct Quirk {
     scenario: String,
     key: String,
     envoy: Value,
     serve: Value,
-    explanation: String,
 }
 
 fn main() -> std::process::ExitCode {
@@ -88,6 +106,14 @@ fn main() -> std::process::ExitCode {
     let Ok(results) = results.lock() else {
         return std::process::ExitCode::FAILURE;
     };
+    if let Some(path) = std::env::var_os("AZGATE_PROBE_DUMP")
+        && let Err(err) = std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&*results).unwrap_or_default(),
+        )
+    {
+        eprintln!("cannot write {}: {err}", PathBuf::from(&path).display());
+    }
     let problems = compare(&results, &quirks);
     if !problems.is_empty() {
         eprintln!("\nprobe comparison failed:");
@@ -106,10 +132,25 @@ fn failed(err: anyhow::Error) -> Failed {
 fn load_quirks() -> Result<Vec<Quirk>> {
     let path = topology::repo_root().join("tests/probe/quirks.json");
     let text = std::fs::read_to_string(&path)?;
-    let quirks: Vec<Quirk> = serde_json::from_str(&text)?;
-    for quirk in &quirks {
-        if quirk.explanation.trim().is_empty() {
-            bail!("quirk {}.{} has no explanation", quirk.scenario, quirk.key);
+    let groups: Vec<QuirkGroup> = serde_json::from_str(&text)?;
+    let mut quirks = Vec::new();
+    for group in groups {
+        if group.explanation.trim().is_empty() || group.observations.is_empty() {
+            bail!(
+                "quirk group {} needs an explanation and observations",
+                group.scenario
+            );
+        }
+        for (key, pinned) in group.observations {
+            if pinned.envoy == pinned.serve {
+                bail!("quirk {}.{key} pins no difference", group.scenario);
+            }
+            quirks.push(Quirk {
+                scenario: group.scenario.clone(),
+                key,
+                envoy: pinned.envoy,
+                serve: pinned.serve,
+            });
         }
     }
     Ok(quirks)
@@ -187,6 +228,8 @@ async fn run_suite(runtime: Runtime, suite: Suite) -> Result<Observations> {
 struct Probe {
     client: reqwest::Client,
     url: String,
+    /// SHA-256 of the client certificate's DER, lower-case hex.
+    cert_sha256: String,
 }
 
 /// A probe request.
@@ -237,9 +280,20 @@ impl Probe {
             .no_proxy()
             .timeout(Duration::from_secs(8))
             .build()?;
+        let der_base64: String = cert
+            .cert_pem
+            .lines()
+            .filter(|line| !line.starts_with("-----"))
+            .collect();
+        let der = base64::engine::general_purpose::STANDARD.decode(der_base64)?;
+        let cert_sha256 = sha2::Sha256::digest(&der)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         Ok(Self {
             client,
             url: topology.gateway.url(),
+            cert_sha256,
         })
     }
 
@@ -286,6 +340,7 @@ impl Probe {
                         "x-empty",
                         "content-type",
                         "content-length",
+                        "x-probe-encoded",
                     ] {
                         let values: Vec<&str> = headers
                             .get_all(name)
@@ -412,7 +467,12 @@ async fn main_scenarios(topology: &Topology, probe: &Probe) -> Result<Observatio
     );
     let mut properties = headered("properties");
     properties.path = "/probe/props?q=1";
-    record(&mut out, "properties", probe.send(properties).await);
+    let mut observed = probe.send(properties).await;
+    let digest = &mut observed["connection.sha256_peer_certificate_digest"];
+    if digest.as_str() == Some(probe.cert_sha256.as_str()) {
+        *digest = json!("<sha256 of the client certificate, hex>");
+    }
+    record(&mut out, "properties", observed);
 
     for (scenario, life) in [
         ("lifecycle_local", "local"),

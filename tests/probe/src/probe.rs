@@ -528,6 +528,13 @@ impl HttpContext for ProbeStream {
             });
             let _ = hc::add_map_value(map, "x-probe-response", &seen.to_string());
         }
+        if self.scenario.starts_with("local_response") {
+            // The probe's own local reply passing through its response callback.
+            let map = MapType::HttpResponseHeaders;
+            let status = hc::get_map_value(map, ":status").ok().flatten();
+            let seen = format!("status={status:?} eos={end_of_stream}");
+            let _ = hc::add_map_value(map, "x-probe-encoded", &seen);
+        }
         Action::Continue
     }
 
@@ -660,6 +667,7 @@ fn metrics() -> Value {
     let inc1 = raw::increment_metric(counter, 3);
     let inc2 = raw::increment_metric(counter, 3);
     let counter_value = raw::get_metric(counter);
+    let counter_zero = raw::increment_metric(counter, 0);
     let counter_negative = raw::increment_metric(counter, -1);
     let counter_after_negative = raw::get_metric(counter);
     let counter_record = raw::record_metric(counter, 100);
@@ -679,7 +687,9 @@ fn metrics() -> Value {
         "define_bad_kind": bad_kind_status,
         "counter_increment": [inc1, inc2],
         "counter_get": counter_value,
+        "counter_increment_zero": counter_zero,
         "counter_increment_negative": counter_negative,
+        "redefined_id_reads_same_value": raw::get_metric(again) == raw::get_metric(counter),
         "counter_after_negative": counter_after_negative,
         "counter_record": counter_record,
         "counter_after_record": counter_after_record,
@@ -741,7 +751,7 @@ fn properties() -> Value {
         (&["connection", "subject_local_certificate"], Text),
         (&["connection", "dns_san_peer_certificate"], Text),
         (&["connection", "uri_san_peer_certificate"], Text),
-        (&["connection", "sha256_peer_certificate_digest"], Present),
+        (&["connection", "sha256_peer_certificate_digest"], Text),
         (&["connection", "id"], Present),
         (&["upstream", "address"], Present),
         (&["response", "code"], Int),
