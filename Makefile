@@ -42,6 +42,18 @@ test-filter: wasm envoy
 	$(CARGO) build -p azgate
 	$(CARGO) test -p azgate-tests --test filter
 
+## The ABI probe filter (tests/probe): each proxy-wasm host area, observed in both runtimes.
+.PHONY: probe test-probe
+probe: wasm-target
+	$(CARGO) build -p azgate-probe --target wasm32-wasip1 --release
+
+## The probe's scenarios in Envoy and in azgate serve; every difference must be pinned in
+## tests/probe/quirks.json (and a pin that stops reproducing fails too).
+test-probe: probe envoy
+	$(CARGO) build -p azgate
+	$(CARGO) test -p azgate-tests --test probe
+test: test-probe
+
 test-clients:
 	@if [ -f tests/clients/run.sh ]; then bash tests/clients/run.sh; else echo "tests/clients/run.sh not present: skipped"; fi
 
@@ -55,6 +67,7 @@ lint: wasm-target
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p azgate-filter --target wasm32-wasip1 -- -D warnings
+	$(CARGO) clippy -p azgate-probe --target wasm32-wasip1 -- -D warnings
 
 ## azgate serve on an embedded default (dev CA, IMDS emulator, fake Azure): shows an
 ## allowed and a denied request, then prints how to send your own.

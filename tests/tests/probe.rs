@@ -88,6 +88,7 @@ fn main() -> std::process::ExitCode {
                 "trap: a panicking filter and the requests after it",
                 Suite::Trap,
             ),
+            ("workers: contended CAS across two workers", Suite::Workers),
         ] {
             let (rt, results) = (runtime.clone(), results.clone());
             trials.push(Trial::test(
@@ -176,6 +177,7 @@ fn probe_wasm() -> Result<PathBuf> {
 enum Suite {
     Main,
     Trap,
+    Workers,
 }
 
 /// A listener that accepts connections, reads a little and closes them without answering: the
@@ -201,7 +203,13 @@ async fn run_suite(runtime: Runtime, suite: Suite) -> Result<Observations> {
     let refused_addr = topology::free_port()?;
     let options = Options {
         plugin_config: r#"{"probe":"config"}"#.into(),
-        concurrency: 1,
+        // One worker (one VM) keeps ticks, queues and the trap deterministic; the workers suite
+        // has two, so CAS contention can also cross VMs.
+        concurrency: if matches!(suite, Suite::Workers) {
+            2
+        } else {
+            1
+        },
         wasm: Some(probe_wasm()?),
         extra_clusters: vec![
             ("probe_reset".into(), reset_addr),
@@ -216,6 +224,22 @@ async fn run_suite(runtime: Runtime, suite: Suite) -> Result<Observations> {
     let result = match suite {
         Suite::Main => main_scenarios(&topology, &probe).await,
         Suite::Trap => trap_scenario(&probe).await,
+        Suite::Workers => {
+            let mut out = Observations::new();
+            probe
+                .send(
+                    Request::new("shared_write")
+                        .header("x-probe-key", "probe.cas.workers")
+                        .header("x-probe-value", "0"),
+                )
+                .await;
+            record(
+                &mut out,
+                "cas_two_workers",
+                contended_cas(&topology, &probe, "probe.cas.workers").await,
+            );
+            Ok(out)
+        }
     };
     resetter.abort();
     if result.is_err() && std::env::var_os("AZGATE_KEEP_LOGS").is_some() {
@@ -544,23 +568,18 @@ async fn contended_cas(topology: &Topology, probe: &Probe, key: &str) -> Value {
     })
 }
 
-/// Runs futures concurrently on the current task.
+/// Runs `futures` concurrently on the current task (a join without the futures crate: they
+/// borrow the probe, so they cannot be spawned) and returns their outputs in order.
 async fn futures_join<F: std::future::Future<Output = Value>>(futures: Vec<F>) -> Vec<Value> {
-    let mut set = Vec::new();
-    for future in futures {
-        set.push(Box::pin(future));
-    }
-    let mut results = Vec::new();
-    // Poll them together: join_all without the futures crate.
-    let mut pending: Vec<_> = set.into_iter().map(Some).collect();
-    let mut outputs: Vec<Option<Value>> = vec![None; pending.len()];
+    let mut pending: Vec<_> = futures.into_iter().map(|f| Some(Box::pin(f))).collect();
+    let mut outputs: Vec<Value> = vec![Value::Null; pending.len()];
     std::future::poll_fn(|cx| {
         let mut all_done = true;
         for (slot, output) in pending.iter_mut().zip(outputs.iter_mut()) {
             if let Some(future) = slot {
                 match future.as_mut().poll(cx) {
                     std::task::Poll::Ready(value) => {
-                        *output = Some(value);
+                        *output = value;
                         *slot = None;
                     }
                     std::task::Poll::Pending => all_done = false,
@@ -574,8 +593,7 @@ async fn futures_join<F: std::future::Future<Output = Value>>(futures: Vec<F>) -
         }
     })
     .await;
-    results.extend(outputs.into_iter().map(|o| o.unwrap_or(Value::Null)));
-    results
+    outputs
 }
 
 /// A filter panic, then what the next requests get.
