@@ -251,6 +251,7 @@ async fn run_suite(runtime: Runtime, suite: Suite) -> Result<Observations> {
 /// Sends probe requests over HTTP/1.1 (so header names keep their case on the wire).
 struct Probe {
     client: reqwest::Client,
+    client_h2: reqwest::Client,
     url: String,
     /// SHA-256 of the client certificate's DER, lower-case hex.
     cert_sha256: String,
@@ -263,6 +264,8 @@ struct Request<'a> {
     path: &'a str,
     headers: Vec<(&'a str, String)>,
     body: Option<&'static str>,
+    /// Over HTTP/2 instead of HTTP/1.1.
+    h2: bool,
 }
 
 impl<'a> Request<'a> {
@@ -293,17 +296,20 @@ impl Probe {
             KeyKind::P256,
         )?;
         let pem = format!("{}{}", cert.cert_pem, cert.key_pem);
-        let client = reqwest::Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(
-                topology.ca.cert_pem.as_bytes(),
-            )?)
-            .identity(reqwest::Identity::from_pem(pem.as_bytes())?)
-            .http1_only()
-            .no_proxy()
-            .timeout(Duration::from_secs(8))
-            .build()?;
+        let builder = || -> Result<reqwest::ClientBuilder> {
+            Ok(reqwest::Client::builder()
+                .use_rustls_tls()
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(reqwest::Certificate::from_pem(
+                    topology.ca.cert_pem.as_bytes(),
+                )?)
+                .identity(reqwest::Identity::from_pem(pem.as_bytes())?)
+                .no_proxy()
+                .timeout(Duration::from_secs(8)))
+        };
+        let client = builder()?.http1_only().build()?;
+        // HTTP/2 by ALPN (both gateways offer h2).
+        let client_h2 = builder()?.build()?;
         let der_base64: String = cert
             .cert_pem
             .lines()
@@ -316,6 +322,7 @@ impl Probe {
             .collect();
         Ok(Self {
             client,
+            client_h2,
             url: topology.gateway.url(),
             cert_sha256,
         })
@@ -329,8 +336,12 @@ impl Probe {
         } else {
             reqwest::Method::GET
         };
-        let mut builder = self
-            .client
+        let client = if request.h2 {
+            &self.client_h2
+        } else {
+            &self.client
+        };
+        let mut builder = client
             .request(method, format!("{}{}", self.url, request.path))
             .header("x-probe", request.scenario);
         for (name, value) in &request.headers {
@@ -417,6 +428,9 @@ async fn main_scenarios(topology: &Topology, probe: &Probe) -> Result<Observatio
     for scenario in ["headers", "headers_mutate", "headers_set_map"] {
         record(&mut out, scenario, probe.send(headered(scenario)).await);
     }
+    let mut h2 = headered("headers");
+    h2.h2 = true;
+    record(&mut out, "headers_h2", probe.send(h2).await);
     let mut body = Request::new("body");
     body.body = Some("hello probe world");
     record(&mut out, "body", probe.send(body).await);

@@ -252,6 +252,7 @@ impl ProbeStream {
             ":authority_host": authority,
             "get_pseudo_path": self.header(":path"),
             "any_uppercase_key": names.iter().any(|k| k.chars().any(|c| c.is_ascii_uppercase())),
+            "protocol": hc::get_property(vec!["request", "protocol"]).ok().flatten().map(|p| text(&p)),
         })
     }
 
