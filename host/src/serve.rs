@@ -24,7 +24,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use tokio::sync::watch;
 
-pub use config::{ConfigError, ServeConfig, read_role_file};
+pub use config::{ClientCertificateMode, ConfigError, ServeConfig, read_role_file};
 pub use error::ServeError;
 pub use stats::WorkerStats;
 
@@ -134,7 +134,8 @@ pub async fn start(
             }
         };
         println!("listener {} on {}", listener.name, socket.local_addr()?);
-        listeners.push((socket, tls));
+        let connections = Arc::new(proxy::ConnectionLimit::new(listener.max_connections));
+        listeners.push((socket, tls, connections));
     }
 
     let workers = config.workers.unwrap_or_else(|| {
@@ -149,10 +150,11 @@ pub async fn start(
         let stats = Arc::new(WorkerStats::default());
         all_stats.push(stats.clone());
         let mut specs = Vec::new();
-        for (socket, tls) in &listeners {
+        for (socket, tls, connections) in &listeners {
             specs.push(proxy::ListenerSpec {
                 listener: socket.try_clone()?,
                 tls: tls.clone(),
+                connections: connections.clone(),
             });
         }
         let (plugin, clusters, stop, ready) = (
