@@ -230,3 +230,69 @@ fn teleport_role_files_are_appended_to_the_filter_roles() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_max_connections_are_closed_and_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = temp_dir("limit");
+    std::fs::write(dir.join("filter.wasm"), wat::parse_str(FILTER).unwrap()).unwrap();
+    let (listen, admin) = (free_port(), free_port());
+    let path = write_config(
+        &dir,
+        &format!(
+            "workers: 2\nlisteners:\n  - name: front\n    address: {listen}\n    plaintext_behind_trusted_front: true\n    max_connections: 2\n\
+             admin:\n  address: {admin}\nfilter:\n  path: filter.wasm\n"
+        ),
+    );
+    let config = ServeConfig::load(&path).expect("valid configuration");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let running = start(config, stop_rx).await.expect("gateway starts");
+    for _ in 0..100 {
+        if get(&format!("http://{admin}/ready"), &[]).await.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let request = b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    // Two open connections fill the listener (whichever workers accepted them).
+    let mut first = tokio::net::TcpStream::connect(listen).await.unwrap();
+    let second = tokio::net::TcpStream::connect(listen).await.unwrap();
+    // Each is served: a request on the first gets its answer.
+    first.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), first.read_to_end(&mut answer));
+    read.await.expect("answered").unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 201"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    drop(first);
+    // The first slot frees when its connection ends; take it again, then the third is refused.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _refill = tokio::net::TcpStream::connect(listen).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = tokio::net::TcpStream::connect(listen).await.unwrap();
+    let _ = third.write_all(request).await;
+    let mut refused = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut refused));
+    let outcome = read.await.expect("closed at once, not left waiting");
+    assert!(
+        outcome.map(|n| n == 0).unwrap_or(true),
+        "closed without an answer: {}",
+        String::from_utf8_lossy(&refused)
+    );
+    let (_, _, metrics) = get(&format!("http://{admin}/metrics"), &[]).await;
+    assert!(
+        metrics.contains("azgate_connections_refused_total 1"),
+        "{metrics}"
+    );
+    drop(second);
+
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), running.join())
+        .await
+        .expect("workers stop after the stop signal");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -344,6 +344,8 @@ async fn rendered_envoy_command(
         .arg("-c")
         .arg(&envoy_config)
         .args(["--disable-hot-restart", "--log-level", "info"])
+        // Access-log lines reach stdout within 100 ms (Envoy's default flush interval is 10 s).
+        .args(["--file-flush-interval-msec", "100"])
         .arg("--concurrency")
         .arg(options.concurrency.to_string());
     Ok(command)

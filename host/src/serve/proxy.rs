@@ -45,6 +45,10 @@ pub(crate) struct ListenerSpec {
     pub(crate) connections: Arc<ConnectionLimit>,
 }
 
+/// A connection that has not sent a whole request header block in this time is closed (the
+/// rendered Envoy config's `request_headers_timeout`).
+const REQUEST_HEADERS_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// TLS handshakes that take longer are dropped (Envoy's `transport_socket_connect_timeout`
 /// in the rendered config), so idle sockets cannot hold connection slots.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -179,7 +183,9 @@ async fn serve_http<I>(
         .max_header_list_size(MAX_REQUEST_HEADERS_BYTES);
     builder
         .http1()
-        .max_buf_size(MAX_REQUEST_HEADERS_BYTES as usize + 4096);
+        .max_buf_size(MAX_REQUEST_HEADERS_BYTES as usize + 4096)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(REQUEST_HEADERS_TIMEOUT);
     let _ = builder.serve_connection(io, service).await;
 }
 
