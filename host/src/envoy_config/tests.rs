@@ -285,3 +285,23 @@ fn rendered_text_names_its_source_and_what_envoy_does_not_enforce() {
     let parsed: Value = serde_yaml::from_str(&text).unwrap();
     assert_eq!(parsed, envoy_document(&config, &fixture.options()).unwrap());
 }
+
+#[test]
+fn the_shipped_example_configuration_loads_and_renders() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/azgate.yaml");
+    let config = ServeConfig::load(&example).unwrap();
+    let options = RenderOptions {
+        token_service_address: DEFAULT_TOKEN_SERVICE_ADDRESS.parse().unwrap(),
+        system_ca_file: Some("/etc/ssl/certs/ca-certificates.crt".into()),
+        source: example.clone(),
+    };
+    let document = envoy_document(&config, &options).unwrap();
+    assert_eq!(
+        document["admin"]["address"]["socket_address"]["address"],
+        "127.0.0.1"
+    );
+    let plugin =
+        &hcm(&document, 0)["http_filters"][0]["typed_config"]["config"]["configuration"]["value"];
+    let plugin: Value = serde_json::from_str(plugin.as_str().unwrap()).unwrap();
+    assert_eq!(plugin["roles"][0]["metadata"]["name"], "azure-reader");
+}
