@@ -89,6 +89,23 @@ async fn get(url: &str, headers: &[(&str, &str)]) -> (u16, Vec<(String, String)>
     (status, headers, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// Starts the gateway of `path` and waits until its admin listener says LIVE.
+async fn start_ready(
+    path: &std::path::Path,
+    admin: SocketAddr,
+) -> (azgate::serve::Running, watch::Sender<bool>) {
+    let config = ServeConfig::load(path).expect("valid configuration");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let running = start(config, stop_rx).await.expect("gateway starts");
+    for _ in 0..100 {
+        if get(&format!("http://{admin}/ready"), &[]).await.0 == 200 {
+            return (running, stop_tx);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the admin listener never said LIVE");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trap_fails_closed_the_vm_is_replaced_and_metrics_show_it() {
     let dir = temp_dir("trap");
@@ -101,19 +118,8 @@ async fn a_trap_fails_closed_the_vm_is_replaced_and_metrics_show_it() {
              admin:\n  address: {admin}\nfilter:\n  path: filter.wasm\n"
         ),
     );
-    let config = ServeConfig::load(&path).expect("valid configuration");
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let running = start(config, stop_rx).await.expect("gateway starts");
+    let (running, stop_tx) = start_ready(&path, admin).await;
     let base = format!("http://{listen}");
-    let mut ready = false;
-    for _ in 0..100 {
-        if get(&format!("http://{admin}/ready"), &[]).await.0 == 200 {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(ready, "the admin listener never said LIVE");
 
     let (status, _, body) = get(
         &format!("{base}/a"),
@@ -245,15 +251,7 @@ async fn connections_beyond_max_connections_are_closed_and_counted() {
              admin:\n  address: {admin}\nfilter:\n  path: filter.wasm\n"
         ),
     );
-    let config = ServeConfig::load(&path).expect("valid configuration");
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let running = start(config, stop_rx).await.expect("gateway starts");
-    for _ in 0..100 {
-        if get(&format!("http://{admin}/ready"), &[]).await.0 == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (running, stop_tx) = start_ready(&path, admin).await;
     let request = b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
     // Two open connections fill the listener (whichever workers accepted them).
     let mut first = tokio::net::TcpStream::connect(listen).await.unwrap();

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Result, ensure};
 use azgate_tests::jwt;
-use azgate_tests::pki::{AppCertSpec, KeyKind, TestCa};
+use azgate_tests::pki::{AppCertSpec, Issued, KeyKind, TestCa};
 use azgate_tests::topology::{self, Options, Runtime, Topology};
 use azgate_tests::upstream::msi_token_claims;
 
@@ -92,6 +92,21 @@ async fn production_shape_validates_in_envoy() -> Result<()> {
     Ok(())
 }
 
+/// A Teleport app certificate for `user` with one role, selecting [`IDENTITY`].
+fn app_cert(topology: &Topology, user: &str, role: &str) -> Result<Issued> {
+    topology.ca.app(
+        &AppCertSpec {
+            user: Some(user.into()),
+            roles: vec![role.into()],
+            selected_identity: Some(IDENTITY.into()),
+            allowed_identities: vec![IDENTITY.into()],
+            not_before_offset_s: -60,
+            not_after_offset_s: 3600,
+        },
+        KeyKind::P256,
+    )
+}
+
 fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -111,17 +126,7 @@ async fn rendered_config_serves_allowed_and_denied_requests_with_a_clean_access_
     // What the test runs is what a user would validate.
     envoy_validate(&topology.gateway.dir().join("envoy.yaml")).await?;
 
-    let allowed = topology.ca.app(
-        &AppCertSpec {
-            user: Some("alice".into()),
-            roles: vec!["azure-reader".into()],
-            selected_identity: Some(IDENTITY.into()),
-            allowed_identities: vec![IDENTITY.into()],
-            not_before_offset_s: -60,
-            not_after_offset_s: 3600,
-        },
-        KeyKind::P256,
-    )?;
+    let allowed = app_cert(&topology, "alice", "azure-reader")?;
     let resource = "https://management.azure.com/";
     let claims = serde_json::json!({"resource": resource, "exp": now() + 300});
     let jwt = jwt::sign(&allowed.key, jwt::alg_for(&allowed.key), &claims)?;
@@ -146,17 +151,7 @@ async fn rendered_config_serves_allowed_and_denied_requests_with_a_clean_access_
     );
     ensure!(forwarded.sni.as_deref() == Some("management.azure.com"));
 
-    let denied = topology.ca.app(
-        &AppCertSpec {
-            user: Some("mallory".into()),
-            roles: vec!["nobody".into()],
-            selected_identity: Some(IDENTITY.into()),
-            allowed_identities: vec![IDENTITY.into()],
-            not_before_offset_s: -60,
-            not_after_offset_s: 3600,
-        },
-        KeyKind::P256,
-    )?;
+    let denied = app_cert(&topology, "mallory", "nobody")?;
     let jwt_denied = jwt::sign(&denied.key, jwt::alg_for(&denied.key), &claims)?;
     let response = topology
         .client(Some(&denied))?
