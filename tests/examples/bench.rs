@@ -65,6 +65,7 @@ async fn main() -> Result<()> {
                 plugin_config: plugin_config.clone(),
                 concurrency: 2,
                 in_process_token_service: false,
+                ..Options::default()
             },
         )
         .await?;

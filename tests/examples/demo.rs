@@ -31,6 +31,7 @@ async fn main() -> Result<()> {
             plugin_config: plugin_config.to_string(),
             concurrency: 2,
             in_process_token_service: true,
+            ..Options::default()
         },
     )
     .await?;

@@ -117,7 +117,7 @@ pub fn filter_wasm() -> Result<PathBuf> {
 }
 
 /// How to build a topology.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Options {
     /// The plugin configuration JSON text (passed to the filter as-is).
     pub plugin_config: String,
@@ -127,6 +127,20 @@ pub struct Options {
     /// emulator itself: in-process for `azgate serve`, `azgate token-service` on loopback for
     /// the rendered Envoy configuration; the plain test Envoy ignores it.
     pub in_process_token_service: bool,
+    /// The `.wasm` the gateway loads; `None`: the filter ([`filter_wasm`]).
+    pub wasm: Option<PathBuf>,
+    /// More plain-HTTP clusters the filter may call: (name, address).
+    pub extra_clusters: Vec<(String, SocketAddr)>,
+}
+
+impl Options {
+    /// The `.wasm` to load.
+    fn wasm_path(&self) -> Result<PathBuf> {
+        match &self.wasm {
+            Some(path) => Ok(path.clone()),
+            None => filter_wasm(),
+        }
+    }
 }
 
 /// A running topology. Dropping it stops the gateway and removes its files.
@@ -296,8 +310,23 @@ async fn envoy_command(
         .replace("${IMDS_PORT}", &imds.local_addr().port().to_string())
         .replace("${UPSTREAM_PORT}", &azure.addr().port().to_string())
         .replace("${CERT_DIR}", &dir.display().to_string())
-        .replace("${WASM_PATH}", &filter_wasm()?.display().to_string())
+        .replace("${WASM_PATH}", &options.wasm_path()?.display().to_string())
         .replace("${PLUGIN_CONFIG}", &serde_json::to_string(plugin_config)?);
+    let extra: String = options
+        .extra_clusters
+        .iter()
+        .map(|(name, addr)| {
+            format!(
+                "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n    \
+                 load_assignment:\n      cluster_name: {name}\n      endpoints:\n      \
+                 - lb_endpoints:\n        - endpoint: {{address: {{socket_address: \
+                 {{address: {}, port_value: {}}}}}}}\n",
+                addr.ip(),
+                addr.port()
+            )
+        })
+        .collect();
+    let config = config.replacen("\n  clusters:\n", &format!("\n  clusters:\n{extra}"), 1);
     let config_path = dir.join("envoy.yaml");
     tokio::fs::write(&config_path, config).await?;
     let mut command = Command::new(envoy_binary()?);
@@ -438,6 +467,21 @@ async fn write_azgate_yaml(
         }
         tls
     };
+    let mut clusters = serde_json::Map::new();
+    clusters.insert(
+        "azgate_msi".into(),
+        if options.in_process_token_service {
+            serde_json::json!({"token_service": true})
+        } else {
+            serde_json::json!({"address": imds.local_addr().to_string()})
+        },
+    );
+    for (name, addr) in &options.extra_clusters {
+        clusters.insert(
+            name.clone(),
+            serde_json::json!({"address": addr.to_string()}),
+        );
+    }
     let config = serde_json::json!({
         "workers": options.concurrency,
         "listeners": [
@@ -445,12 +489,8 @@ async fn write_azgate_yaml(
             {"name": "azgate_lenient", "address": ports.lenient.to_string(), "tls": tls(true)},
         ],
         "admin": {"address": ports.admin.to_string()},
-        "filter": {"path": filter_wasm()?, "config": plugin},
-        "clusters": {"azgate_msi": if options.in_process_token_service {
-            serde_json::json!({"token_service": true})
-        } else {
-            serde_json::json!({"address": imds.local_addr().to_string()})
-        }},
+        "filter": {"path": options.wasm_path()?, "config": plugin},
+        "clusters": clusters,
         "token_source": {"imds_endpoint": format!("http://{}", imds.local_addr())},
         "upstream": {"extra_ca": [dir.join("ca.crt")], "resolve": resolve},
     });
@@ -542,7 +582,7 @@ pub async fn start_expecting_failure(runtime: Runtime, plugin_config: &str) -> R
     let options = Options {
         plugin_config: plugin_config.to_string(),
         concurrency: 1,
-        in_process_token_service: false,
+        ..Options::default()
     };
     match Gateway::start(
         runtime,

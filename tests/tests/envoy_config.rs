@@ -121,6 +121,7 @@ async fn rendered_config_serves_allowed_and_denied_requests_with_a_clean_access_
         plugin_config: serde_json::json!({"roles": roles()}).to_string(),
         concurrency: 1,
         in_process_token_service: true,
+        ..Options::default()
     };
     let topology = Topology::start(Runtime::EnvoyRendered, options).await?;
     // What the test runs is what a user would validate.

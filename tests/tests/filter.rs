@@ -410,6 +410,7 @@ fn options(suite: &Suite, extra: serde_json::Value, concurrency: u32) -> Options
         plugin_config: config.to_string(),
         concurrency,
         in_process_token_service: false,
+        ..Options::default()
     }
 }
 

@@ -372,6 +372,7 @@ async fn run(runtime: Runtime) -> Result<()> {
             concurrency: 1,
             // azgate serve as deployed: tokens from its in-process token service.
             in_process_token_service: runtime != Runtime::Envoy,
+            ..Options::default()
         },
         ca,
         azure.clone(),

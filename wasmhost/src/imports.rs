@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use wasmtime::{Caller, Linker, Memory, bail, format_err};
 
 use crate::abi::{self, BufferType, MapType, status};
-use crate::shared::{MetricKind, SetOutcome};
+use crate::shared::{MetricError, MetricKind, SetOutcome};
 use crate::state::{HeaderList, HostState, HttpCall, LocalResponse, Phase, StreamAction};
 
 type Ctx<'a> = Caller<'a, HostState>;
@@ -704,38 +704,42 @@ fn add_shared_state(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_increment_metric",
         |caller: Ctx<'_>, id: i32, delta: i64| -> wasmtime::Result<i32> {
-            Ok(
-                if caller.data().plugin.metrics.increment(id as u32, delta) {
-                    status::OK
-                } else {
-                    status::NOT_FOUND
-                },
-            )
+            Ok(metric_status(
+                caller.data().plugin.metrics.increment(id as u32, delta),
+            ))
         },
     )?;
     linker.func_wrap(
         "env",
         "proxy_record_metric",
         |caller: Ctx<'_>, id: i32, value: i64| -> wasmtime::Result<i32> {
-            Ok(if caller.data().plugin.metrics.record(id as u32, value) {
-                status::OK
-            } else {
-                status::NOT_FOUND
-            })
+            Ok(metric_status(
+                caller.data().plugin.metrics.record(id as u32, value),
+            ))
         },
     )?;
     linker.func_wrap(
         "env",
         "proxy_get_metric",
         |mut caller: Ctx<'_>, id: i32, ret: i32| -> wasmtime::Result<i32> {
-            let Some(value) = caller.data().plugin.metrics.value(id as u32) else {
-                return Ok(status::NOT_FOUND);
+            let value = match caller.data().plugin.metrics.value(id as u32) {
+                Ok(value) => value,
+                Err(error) => return Ok(metric_status(Err(error))),
             };
             write(&mut caller, ret, &(value as u64).to_le_bytes())?;
             Ok(status::OK)
         },
     )?;
     Ok(())
+}
+
+/// The status for a metric call's outcome.
+fn metric_status(outcome: Result<(), MetricError>) -> i32 {
+    match outcome {
+        Ok(()) => status::OK,
+        Err(MetricError::NotFound) => status::NOT_FOUND,
+        Err(MetricError::BadArgument) => status::BAD_ARGUMENT,
+    }
 }
 
 // === properties ===

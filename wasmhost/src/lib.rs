@@ -19,7 +19,8 @@ pub use abi::{Action, deserialize_pairs, serialize_pairs};
 pub use error::HostError;
 pub use plugin::{Plugin, PluginOptions, SharedStores, Vm};
 pub use shared::{
-    MetricKind, MetricSample, Metrics, QueueReady, SetOutcome, SharedData, SharedQueues,
+    MetricError, MetricKind, MetricSample, Metrics, QueueReady, SetOutcome, SharedData,
+    SharedQueues,
 };
 pub use state::{
     CallResponse, Effects, HeaderList, HttpCall, LocalResponse, Stream, StreamAction, StreamInfo,

@@ -174,76 +174,139 @@ struct Metric {
     count: AtomicI64,
 }
 
+/// Why a metric call was refused (Envoy's statuses).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricError {
+    /// The id names no defined metric of the kind its low bits say.
+    NotFound,
+    /// The call does not apply to that kind (reading or incrementing a histogram, a counter
+    /// going down), or the id's kind bits name no kind.
+    BadArgument,
+}
+
 /// Metrics defined by filters: one per (kind, name) across all VMs, as Envoy's stats are.
+///
+/// Ids follow Envoy: the low two bits are the kind (counter 0, gauge 1, histogram 2) and every
+/// definition gets a new id, also for a name already defined (both ids then name the same
+/// metric). Calls on an id check its kind bits first, as Envoy does, so an unknown id can be
+/// `NotFound` or `BadArgument` depending on those bits.
 #[derive(Debug, Default)]
 pub struct Metrics {
     metrics: RwLock<Vec<Metric>>,
+    /// Id → index in `metrics`.
+    ids: RwLock<HashMap<u32, usize>>,
+    next_id: AtomicU32,
+}
+
+/// The id bits that hold the kind.
+const METRIC_KIND_MASK: u32 = 0x3;
+
+impl MetricKind {
+    fn bits(self) -> u32 {
+        match self {
+            MetricKind::Counter => 0,
+            MetricKind::Gauge => 1,
+            MetricKind::Histogram => 2,
+        }
+    }
+
+    fn from_id(id: u32) -> Option<Self> {
+        match id & METRIC_KIND_MASK {
+            0 => Some(MetricKind::Counter),
+            1 => Some(MetricKind::Gauge),
+            2 => Some(MetricKind::Histogram),
+            _ => None,
+        }
+    }
 }
 
 impl Metrics {
-    /// Defines (or finds) a metric; ids start at 1.
+    /// Defines a metric, or a new id for one already defined with that kind and name; ids are
+    /// never 0.
     pub fn define(&self, kind: MetricKind, name: &str) -> u32 {
-        if let Ok(metrics) = self.metrics.read()
-            && let Some(i) = metrics
-                .iter()
-                .position(|m| m.kind == kind && m.name == name)
-        {
-            return i as u32 + 1;
-        }
-        let Ok(mut metrics) = self.metrics.write() else {
+        let (Ok(mut metrics), Ok(mut ids)) = (self.metrics.write(), self.ids.write()) else {
             return 0;
         };
-        if let Some(i) = metrics
+        let index = match metrics
             .iter()
             .position(|m| m.kind == kind && m.name == name)
         {
-            return i as u32 + 1;
-        }
-        metrics.push(Metric {
-            name: name.to_string(),
-            kind,
-            value: AtomicI64::new(0),
-            count: AtomicI64::new(0),
-        });
-        metrics.len() as u32
+            Some(index) => index,
+            None => {
+                metrics.push(Metric {
+                    name: name.to_string(),
+                    kind,
+                    value: AtomicI64::new(0),
+                    count: AtomicI64::new(0),
+                });
+                metrics.len() - 1
+            }
+        };
+        let serial = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = (serial << 2) | kind.bits();
+        ids.insert(id, index);
+        id
     }
 
+    /// Runs `f` on the metric `id` names, if its kind bits say `kind`.
     fn with<T>(&self, id: u32, f: impl FnOnce(&Metric) -> T) -> Option<T> {
+        let index = *self.ids.read().ok()?.get(&id)?;
         let metrics = self.metrics.read().ok()?;
-        metrics.get((id as usize).checked_sub(1)?).map(f)
+        metrics.get(index).map(f)
     }
 
-    /// Adds `delta`; `false` if unknown, or if a counter would go down.
-    pub fn increment(&self, id: u32, delta: i64) -> bool {
-        self.with(id, |m| match m.kind {
-            MetricKind::Counter if delta < 0 => false,
-            MetricKind::Histogram => false,
-            _ => {
-                m.value.fetch_add(delta, Ordering::Relaxed);
-                true
-            }
-        })
-        .unwrap_or(false)
-    }
-
-    /// Sets a gauge or counter, or records a histogram value.
-    pub fn record(&self, id: u32, value: i64) -> bool {
-        self.with(id, |m| {
-            match m.kind {
-                MetricKind::Histogram => {
-                    m.value.fetch_add(value, Ordering::Relaxed);
-                    m.count.fetch_add(1, Ordering::Relaxed);
+    /// Adds `delta` to a counter (only upwards) or a gauge.
+    pub fn increment(&self, id: u32, delta: i64) -> Result<(), MetricError> {
+        match MetricKind::from_id(id) {
+            Some(MetricKind::Counter) => {
+                let known = self.with(id, |m| {
+                    if delta > 0 {
+                        m.value.fetch_add(delta, Ordering::Relaxed);
+                        true
+                    } else {
+                        false
+                    }
+                });
+                match known {
+                    Some(true) => Ok(()),
+                    Some(false) => Err(MetricError::BadArgument),
+                    None => Err(MetricError::NotFound),
                 }
-                _ => m.value.store(value, Ordering::Relaxed),
             }
-            true
-        })
-        .unwrap_or(false)
+            Some(MetricKind::Gauge) => self
+                .with(id, |m| m.value.fetch_add(delta, Ordering::Relaxed))
+                .map(drop)
+                .ok_or(MetricError::NotFound),
+            Some(MetricKind::Histogram) | None => Err(MetricError::BadArgument),
+        }
     }
 
-    /// Current value (histogram: sum).
-    pub fn value(&self, id: u32) -> Option<i64> {
-        self.with(id, |m| m.value.load(Ordering::Relaxed))
+    /// Records `value`: added to a counter, set on a gauge, recorded by a histogram.
+    pub fn record(&self, id: u32, value: i64) -> Result<(), MetricError> {
+        if MetricKind::from_id(id).is_none() {
+            return Err(MetricError::NotFound);
+        }
+        self.with(id, |m| match m.kind {
+            MetricKind::Counter => {
+                m.value.fetch_add(value, Ordering::Relaxed);
+            }
+            MetricKind::Gauge => m.value.store(value, Ordering::Relaxed),
+            MetricKind::Histogram => {
+                m.value.fetch_add(value, Ordering::Relaxed);
+                m.count.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+        .ok_or(MetricError::NotFound)
+    }
+
+    /// A counter's or gauge's value; histograms cannot be read.
+    pub fn value(&self, id: u32) -> Result<i64, MetricError> {
+        match MetricKind::from_id(id) {
+            Some(MetricKind::Counter | MetricKind::Gauge) => self
+                .with(id, |m| m.value.load(Ordering::Relaxed))
+                .ok_or(MetricError::NotFound),
+            Some(MetricKind::Histogram) | None => Err(MetricError::BadArgument),
+        }
     }
 
     /// Everything, for `/metrics`.
@@ -299,21 +362,38 @@ mod tests {
     }
 
     #[test]
-    fn metrics_are_shared_by_name_and_kind() {
+    fn metrics_follow_envoy() {
         let metrics = Metrics::default();
         let a = metrics.define(MetricKind::Counter, "requests");
-        assert_eq!(metrics.define(MetricKind::Counter, "requests"), a);
-        assert!(metrics.increment(a, 2));
-        assert!(!metrics.increment(a, -1));
-        assert_eq!(metrics.value(a), Some(2));
+        let again = metrics.define(MetricKind::Counter, "requests");
+        // A new id for the same counter.
+        assert_ne!(again, a);
+        assert_eq!(metrics.increment(a, 2), Ok(()));
+        assert_eq!(metrics.value(again), Ok(2));
+        assert_eq!(metrics.increment(a, -1), Err(MetricError::BadArgument));
+        // Recording on a counter adds.
+        assert_eq!(metrics.record(a, 10), Ok(()));
+        assert_eq!(metrics.value(a), Ok(12));
+        let g = metrics.define(MetricKind::Gauge, "open");
+        assert_eq!(metrics.record(g, 5), Ok(()));
+        assert_eq!(metrics.increment(g, -2), Ok(()));
+        assert_eq!(metrics.value(g), Ok(3));
         let h = metrics.define(MetricKind::Histogram, "latency");
-        assert!(metrics.record(h, 5) && metrics.record(h, 7));
+        assert_eq!(metrics.record(h, 5), Ok(()));
+        assert_eq!(metrics.record(h, 7), Ok(()));
+        assert_eq!(metrics.value(h), Err(MetricError::BadArgument));
+        assert_eq!(metrics.increment(h, 1), Err(MetricError::BadArgument));
         let sample = metrics
             .samples()
             .into_iter()
             .find(|s| s.name == "latency")
             .unwrap();
         assert_eq!((sample.value, sample.count), (12, 2));
-        assert!(!metrics.increment(99, 1));
+        // Unknown ids: the kind bits decide, as in Envoy.
+        assert_eq!(metrics.increment(400, 1), Err(MetricError::NotFound));
+        assert_eq!(metrics.value(401), Err(MetricError::NotFound));
+        assert_eq!(metrics.value(402), Err(MetricError::BadArgument));
+        assert_eq!(metrics.record(402, 1), Err(MetricError::NotFound));
+        assert_eq!(metrics.increment(403, 1), Err(MetricError::BadArgument));
     }
 }

@@ -89,8 +89,10 @@ pub struct HttpCall {
     pub timeout: Option<Duration>,
 }
 
-/// The answer to a call-out, as delivered to the filter. A failure (reset, connect error) is
-/// [`CallResponse::failed`]: no headers, as Envoy reports it.
+/// The answer to a call-out, as delivered to the filter. Envoy's router answers a connect
+/// failure or a reset before the response headers itself ([`CallResponse::upstream_reset`], a
+/// 503) and a timeout with a 504 ([`CallResponse::timed_out`]); only a failure after the
+/// headers reaches the filter as [`CallResponse::failed`]: no headers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CallResponse {
     /// Headers, including `:status`; empty for a failure.
@@ -102,9 +104,29 @@ pub struct CallResponse {
 }
 
 impl CallResponse {
-    /// A reset or connection failure.
+    /// A failure with no answer to deliver (e.g. a reset after the response headers): no
+    /// headers; the filter's `proxy_get_status` reports (11, "reset").
     pub fn failed() -> Self {
         Self::default()
+    }
+
+    /// Envoy's answer when the connection fails or is reset before the response headers: a 503
+    /// made by its router, e.g. with `reason` "remote connection failure" (connect refused) or
+    /// "connection termination" (closed without an answer).
+    pub fn upstream_reset(reason: &str) -> Self {
+        let body = format!(
+            "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+        )
+        .into_bytes();
+        Self {
+            headers: vec![
+                (":status".into(), b"503".to_vec()),
+                ("content-length".into(), body.len().to_string().into_bytes()),
+                ("content-type".into(), b"text/plain".to_vec()),
+            ],
+            body,
+            trailers: Vec::new(),
+        }
     }
 
     /// Envoy's answer when a call-out times out: a 504 made by its router.

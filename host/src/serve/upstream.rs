@@ -131,8 +131,9 @@ impl Clusters {
             .collect()
     }
 
-    /// Performs a call-out; failures are reported as Envoy reports them (a reset has no
-    /// headers; a timeout is a 504 answer).
+    /// Performs a call-out; failures are reported as Envoy 1.40 reports them (a connect
+    /// failure or a reset before the headers is a 503 answer, a timeout a 504 answer, a failure
+    /// while reading the body has no headers).
     pub(crate) fn call(
         self: &Arc<Self>,
         call: HttpCall,
@@ -187,7 +188,10 @@ impl Clusters {
         };
         match self.client.request(request).await {
             Ok(response) => call_response(response).await,
-            Err(_) => CallResponse::failed(),
+            Err(error) if error.is_connect() => {
+                CallResponse::upstream_reset("remote connection failure")
+            }
+            Err(_) => CallResponse::upstream_reset("connection termination"),
         }
     }
 }
@@ -223,5 +227,78 @@ where
         headers,
         body: collected.to_bytes().to_vec(),
         trailers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used, reason = "test setup fails the test on purpose")]
+
+    use super::*;
+
+    fn call(cluster: &str) -> HttpCall {
+        HttpCall {
+            token: 1,
+            cluster: cluster.into(),
+            headers: vec![
+                (":method".into(), b"GET".to_vec()),
+                (":path".into(), b"/".to_vec()),
+                (":authority".into(), b"probe".to_vec()),
+            ],
+            body: Vec::new(),
+            trailers: Vec::new(),
+            timeout: Some(Duration::from_secs(5)),
+        }
+    }
+
+    fn header<'a>(response: &'a CallResponse, name: &str) -> Option<&'a [u8]> {
+        response
+            .headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    #[tokio::test]
+    async fn failures_before_the_headers_are_answered_with_envoys_503() {
+        // A listener that closes every connection without answering.
+        let closer = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let closer_addr = closer.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = closer.accept().await {
+                drop(socket);
+            }
+        });
+        // A port nothing listens on.
+        let refused_addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port");
+        let clusters = Arc::new(Clusters::new(
+            None,
+            Vec::new(),
+            [
+                ("closer".to_string(), closer_addr),
+                ("refused".to_string(), refused_addr),
+            ]
+            .into_iter()
+            .collect(),
+        ));
+        for (cluster, reason) in [
+            ("closer", "connection termination"),
+            ("refused", "remote connection failure"),
+        ] {
+            let response = clusters.call(call(cluster)).await;
+            assert_eq!(header(&response, ":status"), Some(&b"503"[..]), "{cluster}");
+            assert_eq!(header(&response, "content-type"), Some(&b"text/plain"[..]));
+            let body = String::from_utf8_lossy(&response.body).into_owned();
+            assert_eq!(
+                body,
+                format!(
+                    "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+                )
+            );
+        }
     }
 }

@@ -1,0 +1,648 @@
+//! The ABI probe comparison: the probe filter (`tests/probe`) runs on every selected runtime in
+//! the same topology, each scenario's observations are collected, printed side by side, and
+//! every difference between Envoy and `azgate serve` must be pinned in `tests/probe/quirks.json`
+//! with both values and a reason. A pinned quirk that no longer reproduces exactly also fails,
+//! so the pin stays a real test.
+//!
+//! Run with `make test-probe` (or `cargo test -p azgate-tests --test probe` after `make probe
+//! envoy` and `cargo build -p azgate`). `AZGATE_RUNTIMES=serve` runs one runtime (no
+//! comparison), `AZGATE_KEEP_LOGS=1` keeps gateway logs, `AZGATE_PROBE_WASM` overrides the
+//! probe's path.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use azgate::emulator::Fault;
+use azgate_tests::pki::{AppCertSpec, KeyKind};
+use azgate_tests::topology::{self, Options, Runtime, Topology};
+use libtest_mimic::{Arguments, Failed, Trial};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
+
+/// Concurrent requests in the contended-CAS scenario.
+const CAS_REQUESTS: u64 = 6;
+
+/// Observations: scenario → key → value, per runtime.
+type Observations = BTreeMap<String, BTreeMap<String, Value>>;
+
+/// A difference pinned as an Envoy quirk (or an azgate limitation), with its reason.
+#[derive(Debug, Deserialize)]
+struct Quirk {
+    scenario: String,
+    key: String,
+    envoy: Value,
+    serve: Value,
+    explanation: String,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Arguments::from_args();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Arc::new(rt),
+        Err(err) => {
+            eprintln!("cannot start tokio: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let quirks = match load_quirks() {
+        Ok(quirks) => quirks,
+        Err(err) => {
+            eprintln!("cannot load tests/probe/quirks.json: {err:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let results: Arc<Mutex<BTreeMap<&'static str, Observations>>> = Arc::default();
+    let mut trials = Vec::new();
+    for gateway in Runtime::selected() {
+        for (suffix, run) in [
+            ("scenarios", Suite::Main),
+            (
+                "trap: a panicking filter and the requests after it",
+                Suite::Trap,
+            ),
+        ] {
+            let (rt, results) = (runtime.clone(), results.clone());
+            trials.push(Trial::test(
+                format!("{}::{suffix}", gateway.name()),
+                move || {
+                    let observed = rt.block_on(run_suite(gateway, run)).map_err(failed)?;
+                    if let Ok(mut results) = results.lock() {
+                        results.entry(gateway.name()).or_default().extend(observed);
+                    }
+                    Ok(())
+                },
+            ));
+        }
+    }
+    let conclusion = libtest_mimic::run(&args, trials);
+    let Ok(results) = results.lock() else {
+        return std::process::ExitCode::FAILURE;
+    };
+    let problems = compare(&results, &quirks);
+    if !problems.is_empty() {
+        eprintln!("\nprobe comparison failed:");
+        for problem in &problems {
+            eprintln!("  {problem}");
+        }
+        return std::process::ExitCode::FAILURE;
+    }
+    conclusion.exit_code()
+}
+
+fn failed(err: anyhow::Error) -> Failed {
+    format!("{err:#}").into()
+}
+
+fn load_quirks() -> Result<Vec<Quirk>> {
+    let path = topology::repo_root().join("tests/probe/quirks.json");
+    let text = std::fs::read_to_string(&path)?;
+    let quirks: Vec<Quirk> = serde_json::from_str(&text)?;
+    for quirk in &quirks {
+        if quirk.explanation.trim().is_empty() {
+            bail!("quirk {}.{} has no explanation", quirk.scenario, quirk.key);
+        }
+    }
+    Ok(quirks)
+}
+
+/// The probe: `$AZGATE_PROBE_WASM`, or the release build made by `make probe`.
+fn probe_wasm() -> Result<PathBuf> {
+    let path = std::env::var_os("AZGATE_PROBE_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            topology::repo_root().join("target/wasm32-wasip1/release/azgate_probe.wasm")
+        });
+    if !path.exists() {
+        bail!(
+            "the probe not found at {} (run `make probe`)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+#[derive(Clone, Copy)]
+enum Suite {
+    Main,
+    Trap,
+}
+
+/// A listener that accepts connections, reads a little and closes them without answering: the
+/// `probe_reset` cluster.
+async fn start_resetter() -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = tokio::time::timeout(Duration::from_secs(1), socket.read(&mut buf)).await;
+                drop(socket);
+            });
+        }
+    });
+    Ok((addr, task))
+}
+
+async fn run_suite(runtime: Runtime, suite: Suite) -> Result<Observations> {
+    let (reset_addr, resetter) = start_resetter().await?;
+    // Nothing listens there once the probe runs.
+    let refused_addr = topology::free_port()?;
+    let options = Options {
+        plugin_config: r#"{"probe":"config"}"#.into(),
+        concurrency: 1,
+        wasm: Some(probe_wasm()?),
+        extra_clusters: vec![
+            ("probe_reset".into(), reset_addr),
+            ("probe_refused".into(), refused_addr),
+        ],
+        ..Options::default()
+    };
+    let topology = Topology::start(runtime, options)
+        .await
+        .with_context(|| format!("starting {}", runtime.name()))?;
+    let probe = Probe::new(&topology)?;
+    let result = match suite {
+        Suite::Main => main_scenarios(&topology, &probe).await,
+        Suite::Trap => trap_scenario(&probe).await,
+    };
+    resetter.abort();
+    if result.is_err() && std::env::var_os("AZGATE_KEEP_LOGS").is_some() {
+        eprintln!("{}", topology.gateway.log());
+    }
+    result
+}
+
+/// Sends probe requests over HTTP/1.1 (so header names keep their case on the wire).
+struct Probe {
+    client: reqwest::Client,
+    url: String,
+}
+
+/// A probe request.
+#[derive(Default)]
+struct Request<'a> {
+    scenario: &'a str,
+    path: &'a str,
+    headers: Vec<(&'a str, String)>,
+    body: Option<&'static str>,
+}
+
+impl<'a> Request<'a> {
+    fn new(scenario: &'a str) -> Self {
+        Self {
+            scenario,
+            path: "/probe",
+            ..Self::default()
+        }
+    }
+
+    fn header(mut self, name: &'a str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
+
+impl Probe {
+    fn new(topology: &Topology) -> Result<Self> {
+        let cert = topology.ca.app(
+            &AppCertSpec {
+                user: Some("probe".into()),
+                roles: vec!["probe-role".into()],
+                not_before_offset_s: -60,
+                not_after_offset_s: 3600,
+                ..AppCertSpec::default()
+            },
+            KeyKind::P256,
+        )?;
+        let pem = format!("{}{}", cert.cert_pem, cert.key_pem);
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(
+                topology.ca.cert_pem.as_bytes(),
+            )?)
+            .identity(reqwest::Identity::from_pem(pem.as_bytes())?)
+            .http1_only()
+            .no_proxy()
+            .timeout(Duration::from_secs(8))
+            .build()?;
+        Ok(Self {
+            client,
+            url: topology.gateway.url(),
+        })
+    }
+
+    /// Sends `request`; the observations are the probe's JSON answer plus `http_status` (or
+    /// `http_error` when nothing came back).
+    async fn send(&self, request: Request<'_>) -> Value {
+        let method = if request.body.is_some() {
+            reqwest::Method::POST
+        } else {
+            reqwest::Method::GET
+        };
+        let mut builder = self
+            .client
+            .request(method, format!("{}{}", self.url, request.path))
+            .header("x-probe", request.scenario);
+        for (name, value) in &request.headers {
+            builder = builder.header(*name, value);
+        }
+        if let Some(body) = request.body {
+            builder = builder.body(body);
+        }
+        match builder.send().await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let headers = response.headers().clone();
+                let body = response.text().await.unwrap_or_default();
+                let mut observed = match serde_json::from_str::<Value>(&body) {
+                    Ok(Value::Object(map)) if status == 200 => Value::Object(map),
+                    _ => json!({"body": body.chars().take(120).collect::<String>()}),
+                };
+                observed["http_status"] = json!(status);
+                observed["response_headers"] = json!(
+                    ["x-probe-response", "x-fake-azure", "x-azgate-error"]
+                        .iter()
+                        .filter_map(|name| headers
+                            .get(*name)
+                            .map(|v| format!("{name}: {}", v.to_str().unwrap_or("?"))))
+                        .collect::<Vec<_>>()
+                );
+                if request.scenario.starts_with("local_response") {
+                    for name in [
+                        "x-a",
+                        "x-upper",
+                        "x-empty",
+                        "content-type",
+                        "content-length",
+                    ] {
+                        let values: Vec<&str> = headers
+                            .get_all(name)
+                            .iter()
+                            .map(|v| v.to_str().unwrap_or("?"))
+                            .collect();
+                        observed[format!("client_sees_{name}")] = json!(values);
+                    }
+                }
+                observed
+            }
+            Err(err) => {
+                json!({"http_error": if err.is_timeout() { "timeout".to_string() } else { format!("{err}") }})
+            }
+        }
+    }
+}
+
+/// Records one scenario's observations.
+fn record(out: &mut Observations, scenario: &str, observed: Value) {
+    let entry = out.entry(scenario.to_string()).or_default();
+    match observed {
+        Value::Object(map) => entry.extend(map),
+        other => {
+            entry.insert("value".into(), other);
+        }
+    }
+}
+
+async fn main_scenarios(topology: &Topology, probe: &Probe) -> Result<Observations> {
+    let mut out = Observations::new();
+    let headered = |scenario| {
+        Request::new(scenario)
+            .header("X-Probe-Case", "MiXed")
+            .header("x-rep", "a")
+            .header("x-rep", "b")
+            .header("x-empty", "")
+    };
+    record(&mut out, "ping", probe.send(Request::new("ping")).await);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    record(
+        &mut out,
+        "misc",
+        probe
+            .send(Request::new("misc").header("x-probe-now", now.to_string()))
+            .await,
+    );
+    for scenario in ["headers", "headers_mutate", "headers_set_map"] {
+        record(&mut out, scenario, probe.send(headered(scenario)).await);
+    }
+    let mut body = Request::new("body");
+    body.body = Some("hello probe world");
+    record(&mut out, "body", probe.send(body).await);
+    for scenario in ["local_response", "local_response_empty"] {
+        record(&mut out, scenario, probe.send(Request::new(scenario)).await);
+    }
+    for scenario in [
+        "call_ok",
+        "call_unknown_cluster",
+        "call_no_authority",
+        "call_reset",
+        "call_refused",
+    ] {
+        record(&mut out, scenario, probe.send(Request::new(scenario)).await);
+    }
+    topology.imds.set_fault(Fault::Hang);
+    let timeout = probe.send(Request::new("call_timeout")).await;
+    topology.imds.set_fault(Fault::None);
+    record(&mut out, "call_timeout", timeout);
+
+    record(&mut out, "shared", probe.send(Request::new("shared")).await);
+    record(
+        &mut out,
+        "cas_missing_key",
+        contended_cas(topology, probe, "probe.cas.fresh").await,
+    );
+    // The same with a key that exists: every stale cas must now be refused.
+    probe
+        .send(
+            Request::new("shared_write")
+                .header("x-probe-key", "probe.cas.counter")
+                .header("x-probe-value", "0"),
+        )
+        .await;
+    record(
+        &mut out,
+        "cas_existing_key",
+        contended_cas(topology, probe, "probe.cas.counter").await,
+    );
+
+    record(&mut out, "queue", probe.send(Request::new("queue")).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    record(
+        &mut out,
+        "queue_delivery",
+        probe.send(Request::new("queue_read")).await,
+    );
+
+    record(
+        &mut out,
+        "tick",
+        probe.send(Request::new("tick_start")).await,
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let first = probe.send(Request::new("tick_read")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = probe.send(Request::new("tick_read")).await;
+    record(
+        &mut out,
+        "tick",
+        json!({
+            "ticks_after_800ms": first["ticks"],
+            "stop_status": first["stop"],
+            "no_ticks_after_period_0": first["ticks"] == second["ticks"],
+        }),
+    );
+
+    record(
+        &mut out,
+        "metrics",
+        probe.send(Request::new("metrics")).await,
+    );
+    let mut properties = headered("properties");
+    properties.path = "/probe/props?q=1";
+    record(&mut out, "properties", probe.send(properties).await);
+
+    for (scenario, life) in [
+        ("lifecycle_local", "local"),
+        ("lifecycle_call", "call"),
+        ("lifecycle_forward", "forward"),
+    ] {
+        record(
+            &mut out,
+            scenario,
+            probe
+                .send(Request::new(scenario).header("x-probe-life", life))
+                .await,
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for life in ["local", "call", "forward"] {
+        let events = probe
+            .send(Request::new("lifecycle_read").header("x-probe-target", life))
+            .await;
+        record(
+            &mut out,
+            &format!("lifecycle_{life}"),
+            json!({"callbacks": events["events"]}),
+        );
+    }
+    Ok(out)
+}
+
+/// `CAS_REQUESTS` concurrent requests each read a shared counter, wait for a slowed call-out
+/// (so all of them hold a stale cas), then increment it with CAS retries.
+async fn contended_cas(topology: &Topology, probe: &Probe, key: &str) -> Value {
+    topology
+        .imds
+        .set_fault(Fault::Slow(Duration::from_millis(400)));
+    let answers = futures_join(
+        (0..CAS_REQUESTS)
+            .map(|_| probe.send(Request::new("cas").header("x-probe-key", key)))
+            .collect(),
+    )
+    .await;
+    topology.imds.set_fault(Fault::None);
+    let read = probe
+        .send(Request::new("shared_read").header("x-probe-key", key))
+        .await;
+    let mut written: Vec<u64> = answers
+        .iter()
+        .filter_map(|a| a["cas_written"].as_u64())
+        .collect();
+    written.sort_unstable();
+    let mismatches: u64 = answers
+        .iter()
+        .filter_map(|a| a["cas_mismatches"].as_u64())
+        .sum();
+    let other_errors: Vec<Value> = answers
+        .iter()
+        .flat_map(|a| {
+            a["cas_other_errors"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    json!({
+        "statuses": answers.iter().map(|a| a["http_status"].clone()).collect::<Vec<_>>(),
+        "final_value": read["value"],
+        "each_increment_written_once": written == (1..=CAS_REQUESTS).collect::<Vec<_>>(),
+        "cas_mismatch_seen": mismatches > 0,
+        "errors_other_than_cas_mismatch": other_errors,
+    })
+}
+
+/// Runs futures concurrently on the current task.
+async fn futures_join<F: std::future::Future<Output = Value>>(futures: Vec<F>) -> Vec<Value> {
+    let mut set = Vec::new();
+    for future in futures {
+        set.push(Box::pin(future));
+    }
+    let mut results = Vec::new();
+    // Poll them together: join_all without the futures crate.
+    let mut pending: Vec<_> = set.into_iter().map(Some).collect();
+    let mut outputs: Vec<Option<Value>> = vec![None; pending.len()];
+    std::future::poll_fn(|cx| {
+        let mut all_done = true;
+        for (slot, output) in pending.iter_mut().zip(outputs.iter_mut()) {
+            if let Some(future) = slot {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(value) => {
+                        *output = Some(value);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => all_done = false,
+                }
+            }
+        }
+        if all_done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    results.extend(outputs.into_iter().map(|o| o.unwrap_or(Value::Null)));
+    results
+}
+
+/// A filter panic, then what the next requests get.
+async fn trap_scenario(probe: &Probe) -> Result<Observations> {
+    let mut out = Observations::new();
+    let brief = |v: Value| {
+        json!({
+            "http_status": v["http_status"],
+            "http_error": v["http_error"],
+            "body": v["body"],
+            "response_headers": v["response_headers"],
+        })
+    };
+    let vm_starts = || Request::new("shared_read").header("x-probe-key", "probe.vm_starts");
+    record(
+        &mut out,
+        "trap_1_before",
+        brief(probe.send(Request::new("ping")).await),
+    );
+    record(
+        &mut out,
+        "trap_2_panic",
+        brief(probe.send(Request::new("trap")).await),
+    );
+    record(
+        &mut out,
+        "trap_3_next",
+        brief(probe.send(Request::new("ping")).await),
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    record(
+        &mut out,
+        "trap_4_after_1500ms",
+        brief(probe.send(Request::new("ping")).await),
+    );
+    let starts = probe.send(vm_starts()).await;
+    record(
+        &mut out,
+        "trap_5_vm_starts",
+        json!({"http_status": starts["http_status"], "value": starts["value"]}),
+    );
+    Ok(out)
+}
+
+/// Prints both runtimes' observations and returns the problems: unpinned differences and
+/// pinned quirks that no longer reproduce.
+fn compare(results: &BTreeMap<&'static str, Observations>, quirks: &[Quirk]) -> Vec<String> {
+    let empty = Observations::new();
+    let envoy = results.get("envoy").unwrap_or(&empty);
+    let serve = results.get("serve").unwrap_or(&empty);
+    let both = results.contains_key("envoy") && results.contains_key("serve");
+    let mut problems = Vec::new();
+    let mut used = vec![false; quirks.len()];
+    let short = |v: Option<&Value>| -> String {
+        let text = v.map(Value::to_string).unwrap_or_else(|| "-".into());
+        if text.chars().count() > 44 {
+            text.chars().take(43).collect::<String>() + "…"
+        } else {
+            text
+        }
+    };
+    println!("\nABI probe observations per runtime:");
+    println!(
+        "{:<52} {:<46} {:<46} verdict",
+        "scenario.key", "envoy", "serve"
+    );
+    let scenarios: std::collections::BTreeSet<&String> = envoy.keys().chain(serve.keys()).collect();
+    for scenario in scenarios {
+        let (e, s) = (envoy.get(scenario), serve.get(scenario));
+        let keys: std::collections::BTreeSet<&String> = e
+            .into_iter()
+            .flat_map(|m| m.keys())
+            .chain(s.into_iter().flat_map(|m| m.keys()))
+            .collect();
+        for key in keys {
+            let ev = e.and_then(|m| m.get(key));
+            let sv = s.and_then(|m| m.get(key));
+            let quirk = quirks
+                .iter()
+                .position(|q| &q.scenario == scenario && &q.key == key);
+            let verdict = if !both {
+                "-".to_string()
+            } else {
+                let (ev_or_null, sv_or_null) = (
+                    ev.cloned().unwrap_or(Value::Null),
+                    sv.cloned().unwrap_or(Value::Null),
+                );
+                match quirk {
+                    Some(index) => {
+                        used[index] = true;
+                        let q = &quirks[index];
+                        if q.envoy == ev_or_null && q.serve == sv_or_null {
+                            "quirk (pinned)".to_string()
+                        } else {
+                            problems.push(format!(
+                                "{scenario}.{key}: pinned quirk no longer reproduces: pinned envoy={} serve={}, observed envoy={} serve={}",
+                                q.envoy, q.serve, ev_or_null, sv_or_null
+                            ));
+                            "STALE QUIRK".to_string()
+                        }
+                    }
+                    None if ev_or_null == sv_or_null => "same".to_string(),
+                    None => {
+                        problems.push(format!(
+                            "{scenario}.{key}: envoy={ev_or_null} serve={sv_or_null} (not a pinned quirk)"
+                        ));
+                        "DIFFERENT".to_string()
+                    }
+                }
+            };
+            println!(
+                "{:<52} {:<46} {:<46} {verdict}",
+                format!("{scenario}.{key}"),
+                short(ev),
+                short(sv)
+            );
+        }
+    }
+    if both {
+        for (quirk, used) in quirks.iter().zip(used) {
+            if !used {
+                problems.push(format!(
+                    "{}.{}: pinned quirk was not observed at all",
+                    quirk.scenario, quirk.key
+                ));
+            }
+        }
+    }
+    problems
+}
