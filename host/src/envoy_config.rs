@@ -242,6 +242,7 @@ fn envoy_listener(
                 "initial_connection_window_size": 1048576,
             },
             "access_log": [access_log(name)],
+            "local_reply_config": upstream_error_replies(),
             "route_config": route_config,
             "http_filters": [
                 wasm_filter,
@@ -352,6 +353,7 @@ fn access_log(listener: &str) -> Value {
                     "azgate_error": "%RESP(X-AZGATE-ERROR)%",
                     "flags": "%RESPONSE_FLAGS%",
                     "upstream": "%UPSTREAM_HOST%",
+                    "upstream_cluster": "%UPSTREAM_CLUSTER%",
                     "duration_ms": "%DURATION%",
                     "bytes_received": "%BYTES_RECEIVED%",
                     "bytes_sent": "%BYTES_SENT%",
@@ -365,6 +367,38 @@ fn access_log(listener: &str) -> Value {
                 }],
             },
         },
+    })
+}
+
+/// Envoy's own answers when Azure cannot be reached or is too slow, in the shape and with the
+/// codes `azgate serve` uses (`ServeError::UpstreamUnavailable` / `UpstreamTimeout`), so clients
+/// see the same errors from either runtime. Only these flags are mapped: the filter's own
+/// answers are left as they are.
+fn upstream_error_replies() -> Value {
+    let mapper = |flags: &[&str], status: u16, code: &str, message: &str| {
+        json!({
+            "filter": {"response_flag_filter": {"flags": flags}},
+            "status_code": status,
+            "headers_to_add": [{
+                "header": {"key": "x-azgate-error", "value": code},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }],
+            "body_format_override": {
+                "json_format": {"error": {"code": code, "message": message}},
+                "content_type": "application/json",
+            },
+        })
+    };
+    json!({
+        "mappers": [
+            mapper(
+                &["DF", "UF", "UH", "URX", "UO", "UR", "UC"],
+                503,
+                "UpstreamUnavailable",
+                "azgate: Azure could not be reached: %LOCAL_REPLY_BODY%",
+            ),
+            mapper(&["UT"], 504, "UpstreamTimeout", "azgate: Azure did not answer in time"),
+        ],
     })
 }
 

@@ -1,7 +1,8 @@
 //! The production Envoy configuration `azgate envoy-config` renders: the real Envoy accepts it
 //! (`envoy --mode validate`) in production shape and in the test topology's shape, and serves
 //! an allowed and a denied request through it, with `azgate token-service` behind `azgate_msi`
-//! and one JSON access-log line per request that carries no query string or credential.
+//! and one JSON access-log line per request that carries no query string or credential; an
+//! Azure name without a `resolve` entry goes to the dynamic forward proxy.
 //!
 //! The whole scenario suite also runs on this configuration (runtime `envoy-rendered` in
 //! `tests/filter.rs`).
@@ -170,6 +171,40 @@ async fn rendered_config_serves_allowed_and_denied_requests_with_a_clean_access_
         "nothing more reached Azure"
     );
 
+    // An Azure name without a `resolve` entry goes to the dynamic forward proxy. Tests have no
+    // DNS for Azure (and no route out), so it fails there: 503 from Envoy, never a fallback.
+    let claims_storage = serde_json::json!({
+        "resource": "https://storage.azure.com/", "exp": now() + 300,
+    });
+    let jwt_storage = jwt::sign(&allowed.key, jwt::alg_for(&allowed.key), &claims_storage)?;
+    let response = topology
+        .client(Some(&allowed))?
+        .get(format!("{}/container?comp=list", topology.gateway.url()))
+        .header("authorization", format!("Bearer {jwt_storage}"))
+        .header("x-forwarded-host", "azgatetest.blob.core.windows.net")
+        .send()
+        .await?;
+    ensure!(
+        response.status() == 503,
+        "forward proxy: {}",
+        response.status()
+    );
+    // Envoy's own answer in azgate's shape, as `azgate serve` gives it.
+    ensure!(
+        response
+            .headers()
+            .get("x-azgate-error")
+            .is_some_and(|v| v == "UpstreamUnavailable"),
+        "x-azgate-error: {:?}",
+        response.headers()
+    );
+    let body: serde_json::Value = response.json().await?;
+    ensure!(body["error"]["code"] == "UpstreamUnavailable", "{body}");
+    ensure!(
+        topology.azure.seen().len() == seen.len(),
+        "the fake saw nothing"
+    );
+
     // Envoy writes access-log lines when streams end; give it a moment.
     let mut lines: Vec<serde_json::Value> = Vec::new();
     for _ in 0..50 {
@@ -179,12 +214,12 @@ async fn rendered_config_serves_allowed_and_denied_requests_with_a_clean_access_
             .lines()
             .filter_map(|line| serde_json::from_str(line).ok())
             .collect();
-        if lines.len() >= 2 {
+        if lines.len() >= 3 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    ensure!(lines.len() == 2, "two access-log lines: {lines:?}");
+    ensure!(lines.len() == 3, "three access-log lines: {lines:?}");
     ensure!(
         lines[0]["status"] == 200 && lines[0]["path"] == "/subscriptions",
         "{}",
@@ -207,6 +242,20 @@ async fn rendered_config_serves_allowed_and_denied_requests_with_a_clean_access_
         lines[1]["status"] == 403 && lines[1]["azgate_error"] == "IdentityNotAllowed",
         "{}",
         lines[1]
+    );
+    ensure!(
+        lines[0]["upstream_cluster"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("azure_resolve_")),
+        "{}",
+        lines[0]
+    );
+    ensure!(
+        lines[2]["status"] == 503
+            && lines[2]["upstream_cluster"] == "azure"
+            && lines[2]["azgate_error"] == "UpstreamUnavailable",
+        "{}",
+        lines[2]
     );
     let log = topology.gateway.stdout();
     let msi_token = forwarded
