@@ -8,7 +8,7 @@ ENVOY_VERSION ?= 1.40.0
 ENVOY := .tools/envoy/envoy/_bin/envoy
 WASM := target/wasm32-wasip1/release/azgate_filter.wasm
 
-.PHONY: all wasm-target wasm envoy build test test-unit test-filter test-clients lint run bench clean
+.PHONY: all wasm-target wasm envoy build test test-unit test-filter test-envoy-config test-clients lint run bench clean
 
 all: wasm build
 
@@ -33,7 +33,7 @@ build:
 
 ## Everything: unit tests, the filter in the real Envoy, real Azure clients, and az end to end
 ## through azgate az / azgate proxy azure and each gateway.
-test: wasm envoy test-unit test-filter test-clients test-workstation
+test: wasm envoy test-unit test-filter test-envoy-config test-clients test-workstation
 
 test-unit: wasm
 	$(CARGO) test -p azgate-filter -p azgate -p azgate-wasmhost
@@ -53,6 +53,11 @@ test-probe: probe envoy
 	$(CARGO) build -p azgate
 	$(CARGO) test -p azgate-tests --test probe
 test: test-probe
+
+## The Envoy config `azgate envoy-config` renders: `envoy --mode validate`, then traffic through it.
+test-envoy-config: wasm envoy
+	$(CARGO) build -p azgate
+	$(CARGO) test -p azgate-tests --test envoy_config
 
 test-clients:
 	@if [ -f tests/clients/run.sh ]; then bash tests/clients/run.sh; else echo "tests/clients/run.sh not present: skipped"; fi

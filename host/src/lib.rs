@@ -8,6 +8,7 @@
 
 pub mod devca;
 pub mod emulator;
+pub mod envoy_config;
 pub mod serve;
 pub mod token;
 pub mod workstation;

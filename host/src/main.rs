@@ -45,6 +45,24 @@ enum Command {
         #[arg(long, default_value = "azgate.yaml")]
         config: PathBuf,
     },
+    /// Render the production Envoy configuration from the `azgate.yaml` that `azgate serve`
+    /// reads (mTLS, XFCC SANITIZE_SET, the filter fail-closed, a dynamic forward proxy to Azure,
+    /// token clusters to `azgate token-service`, JSON access log, connection limits).
+    EnvoyConfig {
+        /// The gateway configuration file.
+        #[arg(long, default_value = "azgate.yaml")]
+        config: PathBuf,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Where `azgate token-service` listens, for `token_service: true` clusters.
+        #[arg(long, default_value = azgate::envoy_config::DEFAULT_TOKEN_SERVICE_ADDRESS)]
+        token_service_address: SocketAddr,
+        /// System CA bundle for TLS to Azure (default: the first that exists of the usual
+        /// Linux locations).
+        #[arg(long)]
+        system_ca_file: Option<PathBuf>,
+    },
     /// Dev CA for Teleport-format app certificates: `init`, `issue`, `server`.
     #[command(subcommand)]
     Ca(cli_workstation::CaCommand),
@@ -192,6 +210,29 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             let config = azgate::serve::ServeConfig::load(&config)
                 .map_err(|e| format!("invalid configuration: {e}"))?;
             azgate::serve::run(config).await?;
+            Ok(())
+        }
+        Command::EnvoyConfig {
+            config: path,
+            output,
+            token_service_address,
+            system_ca_file,
+        } => {
+            let config = azgate::serve::ServeConfig::load(&path)
+                .map_err(|e| format!("invalid configuration: {e}"))?;
+            let options = azgate::envoy_config::RenderOptions {
+                token_service_address,
+                system_ca_file,
+                source: path,
+            };
+            let text = azgate::envoy_config::render(&config, &options)
+                .map_err(|e| format!("cannot render: {e}"))?;
+            match output {
+                Some(file) => {
+                    std::fs::write(&file, text).map_err(|e| format!("{}: {e}", file.display()))?
+                }
+                None => print!("{text}"),
+            }
             Ok(())
         }
         Command::TokenService(args) => {

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use tokio::sync::watch;
 
-pub use config::{ConfigError, ServeConfig, read_role_file};
+pub use config::{ClientCertificateMode, ConfigError, ServeConfig, read_role_file};
 pub use error::ServeError;
 pub use stats::WorkerStats;
 
@@ -138,7 +138,8 @@ pub async fn start(
             }
         };
         println!("listener {} on {}", listener.name, socket.local_addr()?);
-        listeners.push((socket, tls, local_subject));
+        let connections = Arc::new(proxy::ConnectionLimit::new(listener.max_connections));
+        listeners.push((socket, tls, connections, local_subject));
     }
 
     let workers = config.workers.unwrap_or_else(|| {
@@ -153,10 +154,11 @@ pub async fn start(
         let stats = Arc::new(WorkerStats::default());
         all_stats.push(stats.clone());
         let mut specs = Vec::new();
-        for (socket, tls, local_subject) in &listeners {
+        for (socket, tls, connections, local_subject) in &listeners {
             specs.push(proxy::ListenerSpec {
                 listener: socket.try_clone()?,
                 tls: tls.clone(),
+                connections: connections.clone(),
                 local_subject: local_subject.clone(),
             });
         }

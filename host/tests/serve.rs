@@ -1,7 +1,8 @@
 //! `azgate serve` end to end with a small purpose-built filter (WAT): a trap fails that request
 //! closed (503, Azure-style JSON), the VM is replaced and the next request is served; readiness
 //! and Prometheus metrics on the admin listener; the plaintext "behind a trusted TLS front"
-//! mode; and configuration errors that name their field.
+//! mode; connection limits; stopping (no new connections, requests in flight drained); and
+//! configuration errors that name their field.
 
 #![allow(
     clippy::expect_used,
@@ -89,6 +90,23 @@ async fn get(url: &str, headers: &[(&str, &str)]) -> (u16, Vec<(String, String)>
     (status, headers, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// Starts the gateway of `path` and waits until its admin listener says LIVE.
+async fn start_ready(
+    path: &std::path::Path,
+    admin: SocketAddr,
+) -> (azgate::serve::Running, watch::Sender<bool>) {
+    let config = ServeConfig::load(path).expect("valid configuration");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let running = start(config, stop_rx).await.expect("gateway starts");
+    for _ in 0..100 {
+        if get(&format!("http://{admin}/ready"), &[]).await.0 == 200 {
+            return (running, stop_tx);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the admin listener never said LIVE");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trap_fails_closed_the_vm_is_replaced_and_metrics_show_it() {
     let dir = temp_dir("trap");
@@ -101,19 +119,8 @@ async fn a_trap_fails_closed_the_vm_is_replaced_and_metrics_show_it() {
              admin:\n  address: {admin}\nfilter:\n  path: filter.wasm\n"
         ),
     );
-    let config = ServeConfig::load(&path).expect("valid configuration");
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let running = start(config, stop_rx).await.expect("gateway starts");
+    let (running, stop_tx) = start_ready(&path, admin).await;
     let base = format!("http://{listen}");
-    let mut ready = false;
-    for _ in 0..100 {
-        if get(&format!("http://{admin}/ready"), &[]).await.0 == 200 {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(ready, "the admin listener never said LIVE");
 
     let (status, _, body) = get(
         &format!("{base}/a"),
@@ -228,5 +235,175 @@ fn teleport_role_files_are_appended_to_the_filter_roles() {
         error.contains("bad.yaml") && error.contains("kind: role"),
         "{error}"
     );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_max_connections_are_closed_and_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = temp_dir("limit");
+    std::fs::write(dir.join("filter.wasm"), wat::parse_str(FILTER).unwrap()).unwrap();
+    let (listen, admin) = (free_port(), free_port());
+    let path = write_config(
+        &dir,
+        &format!(
+            "workers: 2\nlisteners:\n  - name: front\n    address: {listen}\n    plaintext_behind_trusted_front: true\n    max_connections: 2\n\
+             admin:\n  address: {admin}\nfilter:\n  path: filter.wasm\n"
+        ),
+    );
+    let (running, stop_tx) = start_ready(&path, admin).await;
+    let request = b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    // Two open connections fill the listener (whichever workers accepted them).
+    let mut first = tokio::net::TcpStream::connect(listen).await.unwrap();
+    let second = tokio::net::TcpStream::connect(listen).await.unwrap();
+    // Each is served: a request on the first gets its answer.
+    first.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), first.read_to_end(&mut answer));
+    read.await.expect("answered").unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 201"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    drop(first);
+    // The first slot frees when its connection ends; take it again, then the third is refused.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _refill = tokio::net::TcpStream::connect(listen).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = tokio::net::TcpStream::connect(listen).await.unwrap();
+    let _ = third.write_all(request).await;
+    let mut refused = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut refused));
+    let outcome = read.await.expect("closed at once, not left waiting");
+    assert!(
+        outcome.map(|n| n == 0).unwrap_or(true),
+        "closed without an answer: {}",
+        String::from_utf8_lossy(&refused)
+    );
+    let (_, _, metrics) = get(&format!("http://{admin}/metrics"), &[]).await;
+    assert!(
+        metrics.contains("azgate_connections_refused_total 1"),
+        "{metrics}"
+    );
+    drop(second);
+
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), running.join())
+        .await
+        .expect("workers stop after the stop signal");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Lets every request through (`proxy_on_request_headers` returns Continue), so it is forwarded.
+const PASS_THROUGH: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0)))"#;
+
+/// A TLS upstream for `name` that answers each request 200 "slow" after `delay`.
+async fn slow_upstream(dir: &std::path::Path, name: &str, delay: Duration) -> SocketAddr {
+    use azgate::devca::{AppKey, CertificateAuthority, KeyKind};
+    use rustls::pki_types::pem::PemObject;
+
+    let ca = CertificateAuthority::generate("drain test CA", Duration::from_secs(3600)).unwrap();
+    std::fs::write(dir.join("upstream-ca.crt"), ca.cert_pem()).unwrap();
+    let key = AppKey::generate(KeyKind::P256).unwrap();
+    let now = std::time::SystemTime::now();
+    let cert_pem = ca
+        .issue_server(
+            &[name],
+            &[],
+            key.public_key_info().unwrap(),
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(3600),
+        )
+        .unwrap();
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key =
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(key.to_pem().unwrap().as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |_request| async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(Bytes::from_static(b"slow")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_refuses_new_connections_and_drains_requests_in_flight() {
+    let dir = temp_dir("drain");
+    std::fs::write(
+        dir.join("filter.wasm"),
+        wat::parse_str(PASS_THROUGH).unwrap(),
+    )
+    .unwrap();
+    let upstream = slow_upstream(&dir, "slow.azure.test", Duration::from_millis(800)).await;
+    let (listen, admin) = (free_port(), free_port());
+    let path = write_config(
+        &dir,
+        &format!(
+            "workers: 1\nlisteners:\n  - name: front\n    address: {listen}\n    plaintext_behind_trusted_front: true\n\
+             admin:\n  address: {admin}\nfilter:\n  path: filter.wasm\n\
+             upstream:\n  extra_ca: [upstream-ca.crt]\n  resolve: {{slow.azure.test: \"{upstream}\"}}\n"
+        ),
+    );
+    let (running, stop_tx) = start_ready(&path, admin).await;
+    let url = format!("http://{listen}/long");
+    let in_flight = tokio::spawn(async move { get(&url, &[("host", "slow.azure.test")]).await });
+    // The request is with the upstream when the stop comes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop_tx.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(listen),
+    )
+    .await
+    .expect("connect answers at once");
+    assert!(refused.is_err(), "no new connections after the stop");
+
+    let (status, _, body) = in_flight.await.unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "slow"),
+        "the request in flight finished"
+    );
+    tokio::time::timeout(Duration::from_secs(10), running.join())
+        .await
+        .expect("workers stop once drained");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -31,17 +31,23 @@ pub enum Runtime {
     Envoy,
     /// `azgate serve`: the filter in wasmtime.
     Serve,
+    /// The real Envoy with the production configuration `azgate envoy-config` renders from the
+    /// same `azgate.yaml` `azgate serve` runs (dynamic forward proxy, access log, limits), and
+    /// `azgate token-service` for `token_service` clusters.
+    EnvoyRendered,
 }
 
 impl Runtime {
     /// Runtimes selected by `AZGATE_RUNTIMES` (comma-separated; default: all that exist).
     pub fn selected() -> Vec<Runtime> {
-        let wanted = std::env::var("AZGATE_RUNTIMES").unwrap_or_else(|_| "envoy,serve".into());
+        let wanted = std::env::var("AZGATE_RUNTIMES")
+            .unwrap_or_else(|_| "envoy,serve,envoy-rendered".into());
         wanted
             .split(',')
             .filter_map(|name| match name.trim() {
                 "envoy" => Some(Runtime::Envoy),
                 "serve" => Some(Runtime::Serve),
+                "envoy-rendered" => Some(Runtime::EnvoyRendered),
                 _ => None,
             })
             .collect()
@@ -52,6 +58,7 @@ impl Runtime {
         match self {
             Runtime::Envoy => "envoy",
             Runtime::Serve => "serve",
+            Runtime::EnvoyRendered => "envoy-rendered",
         }
     }
 }
@@ -116,8 +123,9 @@ pub struct Options {
     pub plugin_config: String,
     /// Gateway worker threads.
     pub concurrency: u32,
-    /// `azgate serve` only: answer `azgate_msi` with the in-process token module (which then
-    /// asks the emulator) instead of calling the emulator over the network.
+    /// Answer `azgate_msi` with the token module (which then asks the emulator) instead of the
+    /// emulator itself: in-process for `azgate serve`, `azgate token-service` on loopback for
+    /// the rendered Envoy configuration; the plain test Envoy ignores it.
     pub in_process_token_service: bool,
     /// The `.wasm` the gateway loads; `None`: the filter ([`filter_wasm`]).
     pub wasm: Option<PathBuf>,
@@ -155,6 +163,8 @@ pub struct Gateway {
     /// own checks can be exercised.
     pub lenient: SocketAddr,
     child: Child,
+    /// `azgate token-service`, for the rendered Envoy configuration.
+    token_service: Option<Child>,
     dir: PathBuf,
     log: PathBuf,
 }
@@ -235,14 +245,28 @@ impl Gateway {
             lenient,
             admin,
         };
+        let mut token_service = None;
         let mut command = match runtime {
             Runtime::Envoy => envoy_command(&dir, &ports, imds, azure, options).await?,
             Runtime::Serve => serve_command(&dir, &ports, imds, azure, options).await?,
+            Runtime::EnvoyRendered => {
+                let token_service_address = if options.in_process_token_service {
+                    let (child, address) = start_token_service(&dir, imds).await?;
+                    token_service = Some(child);
+                    address
+                } else {
+                    // Not used: every cluster has an address.
+                    free_port()?
+                };
+                rendered_envoy_command(&dir, &ports, imds, azure, options, token_service_address)
+                    .await?
+            }
         };
         let log = dir.join("gateway.log");
         let log_file = std::fs::File::create(&log)?;
+        let stdout_file = std::fs::File::create(dir.join("gateway.stdout"))?;
         let child = command
-            .stdout(Stdio::null())
+            .stdout(stdout_file)
             .stderr(log_file)
             .kill_on_drop(true)
             .spawn()
@@ -251,6 +275,7 @@ impl Gateway {
             mtls,
             lenient,
             child,
+            token_service,
             dir,
             log,
         };
@@ -322,6 +347,100 @@ async fn serve_command(
     azure: &FakeAzure,
     options: &Options,
 ) -> Result<Command> {
+    let config_path = write_azgate_yaml(dir, ports, imds, azure, options).await?;
+    let mut command = Command::new(azgate_binary()?);
+    command
+        .arg("serve")
+        .arg("--config")
+        .arg(&config_path)
+        .env("AZGATE_LOG", "info");
+    Ok(command)
+}
+
+/// Envoy with the configuration `azgate envoy-config` renders from the topology's `azgate.yaml`.
+async fn rendered_envoy_command(
+    dir: &Path,
+    ports: &Ports,
+    imds: &Emulator,
+    azure: &FakeAzure,
+    options: &Options,
+    token_service_address: SocketAddr,
+) -> Result<Command> {
+    let config_path = write_azgate_yaml(dir, ports, imds, azure, options).await?;
+    let envoy_config = render_envoy_config(&config_path, token_service_address).await?;
+    let mut command = Command::new(envoy_binary()?);
+    command
+        .arg("-c")
+        .arg(&envoy_config)
+        .args(["--disable-hot-restart", "--log-level", "info"])
+        // Access-log lines reach stdout within 100 ms (Envoy's default flush interval is 10 s).
+        .args(["--file-flush-interval-msec", "100"])
+        .arg("--concurrency")
+        .arg(options.concurrency.to_string());
+    Ok(command)
+}
+
+/// Runs `azgate envoy-config` on `azgate_yaml`, writing `envoy.yaml` beside it.
+pub async fn render_envoy_config(
+    azgate_yaml: &Path,
+    token_service_address: SocketAddr,
+) -> Result<PathBuf> {
+    let output = azgate_yaml.with_file_name("envoy.yaml");
+    let result = Command::new(azgate_binary()?)
+        .arg("envoy-config")
+        .arg("--config")
+        .arg(azgate_yaml)
+        .arg("--output")
+        .arg(&output)
+        .arg("--token-service-address")
+        .arg(token_service_address.to_string())
+        .output()
+        .await?;
+    if !result.status.success() {
+        bail!(
+            "azgate envoy-config failed: {}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+    }
+    Ok(output)
+}
+
+/// `azgate token-service` on a free loopback port, getting tokens from `imds`.
+async fn start_token_service(dir: &Path, imds: &Emulator) -> Result<(Child, SocketAddr)> {
+    let address = free_port()?;
+    let log = std::fs::File::create(dir.join("token-service.log"))?;
+    let child = Command::new(azgate_binary()?)
+        .arg("token-service")
+        .arg("--listen")
+        .arg(address.to_string())
+        .args(["--source", "imds", "--imds-endpoint"])
+        .arg(format!("http://{}", imds.local_addr()))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting azgate token-service")?;
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(response) = client.get(format!("http://{address}/healthz")).send().await
+            && response.status().is_success()
+        {
+            return Ok((child, address));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("azgate token-service not ready on {address}")
+}
+
+/// The topology as `azgate.yaml` (what `azgate serve` runs and `azgate envoy-config` renders).
+async fn write_azgate_yaml(
+    dir: &Path,
+    ports: &Ports,
+    imds: &Emulator,
+    azure: &FakeAzure,
+    options: &Options,
+) -> Result<PathBuf> {
     let resolve: serde_json::Map<String, serde_json::Value> = [
         "management.azure.com",
         "myvault.vault.azure.net",
@@ -378,13 +497,7 @@ async fn serve_command(
     // JSON is YAML.
     let config_path = dir.join("azgate.yaml");
     tokio::fs::write(&config_path, serde_json::to_string_pretty(&config)?).await?;
-    let mut command = Command::new(azgate_binary()?);
-    command
-        .arg("serve")
-        .arg("--config")
-        .arg(&config_path)
-        .env("AZGATE_LOG", "info");
-    Ok(command)
+    Ok(config_path)
 }
 
 impl Gateway {
@@ -414,6 +527,17 @@ impl Gateway {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// What the gateway wrote to standard output so far (Envoy's access log in the rendered
+    /// configuration).
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.join("gateway.stdout")).unwrap_or_default()
+    }
+
+    /// The directory holding the gateway's files (`azgate.yaml`, `envoy.yaml`, logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn log_tail(&self) -> String {
         let log = self.log();
         let lines: Vec<&str> = log.lines().collect();
@@ -434,6 +558,9 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
+        if let Some(token_service) = &mut self.token_service {
+            let _ = token_service.start_kill();
+        }
         if std::env::var_os("AZGATE_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

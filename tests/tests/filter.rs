@@ -338,11 +338,11 @@ fn main() -> std::process::ExitCode {
                 Special::BadConfig,
             ),
         ];
-        if gateway == Runtime::Serve {
+        if gateway != Runtime::Envoy {
             let mut in_process = options(&suite, serde_json::json!({}), 2);
             in_process.in_process_token_service = true;
             special.push((
-                "in_process_token_service: azgate_msi answered by the token module",
+                "token_service: azgate_msi answered by the token module (in-process or azgate token-service)",
                 Shared::new(gateway, in_process),
                 Special::InProcessTokens,
             ));

@@ -371,7 +371,7 @@ async fn run(runtime: Runtime) -> Result<()> {
             plugin_config,
             concurrency: 1,
             // azgate serve as deployed: tokens from its in-process token service.
-            in_process_token_service: runtime == Runtime::Serve,
+            in_process_token_service: runtime != Runtime::Envoy,
             ..Options::default()
         },
         ca,

@@ -24,11 +24,18 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-fn error(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field: field.into(),
-        message: message.into(),
+impl ConfigError {
+    /// An error about `field`.
+    pub(crate) fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
     }
+}
+
+fn error(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::new(field, message)
 }
 
 /// The whole file.
@@ -72,6 +79,13 @@ pub struct ListenerConfig {
     /// Off by default: client-supplied XFCC is then trusted as is.
     #[serde(default)]
     pub plaintext_behind_trusted_front: bool,
+    /// Open connections at once; beyond it new connections are closed at once (default 10000).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+fn default_max_connections() -> u32 {
+    10_000
 }
 
 fn default_listener_name() -> String {
@@ -252,6 +266,14 @@ impl ServeConfig {
                     ));
                 }
                 _ => {}
+            }
+        }
+        for (i, listener) in self.listeners.iter().enumerate() {
+            if listener.max_connections == 0 {
+                return Err(error(
+                    format!("listeners[{i}].max_connections"),
+                    "must be at least 1",
+                ));
             }
         }
         if self.workers == Some(0) {

@@ -42,8 +42,57 @@ pub(crate) struct Forwarding {
 pub(crate) struct ListenerSpec {
     pub(crate) listener: std::net::TcpListener,
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+    /// Shared by every worker accepting on this listener.
+    pub(crate) connections: Arc<ConnectionLimit>,
     /// Subject of the listener's own certificate (`connection.subject_local_certificate`).
     pub(crate) local_subject: Option<String>,
+}
+
+/// A connection that has not sent a whole request header block in this time is closed (the
+/// rendered Envoy config's `request_headers_timeout`).
+const REQUEST_HEADERS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS handshakes that take longer are dropped (Envoy's `transport_socket_connect_timeout`
+/// in the rendered config), so idle sockets cannot hold connection slots.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Open connections of one listener, across workers; like Envoy's `connection_limit` filter,
+/// connections beyond the limit are closed as soon as they are accepted.
+#[derive(Debug)]
+pub(crate) struct ConnectionLimit {
+    open: std::sync::atomic::AtomicU32,
+    max: u32,
+}
+
+impl ConnectionLimit {
+    pub(crate) fn new(max: u32) -> Self {
+        Self {
+            open: std::sync::atomic::AtomicU32::new(0),
+            max,
+        }
+    }
+
+    /// A slot, or `None` when the listener is full.
+    fn acquire(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        use std::sync::atomic::Ordering;
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < self.max).then_some(open + 1)
+            })
+            .ok()
+            .map(|_| ConnectionSlot(self.clone()))
+    }
+}
+
+/// Frees its slot when the connection ends.
+struct ConnectionSlot(Arc<ConnectionLimit>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// What the gateway knows about a connection.
@@ -88,14 +137,22 @@ pub(crate) async fn serve_listener(
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((tcp, peer)) = accepted else { continue };
+                let Some(slot) = spec.connections.acquire() else {
+                    worker.stats.connection_refused();
+                    tracing::debug!(%peer, "listener at max_connections: connection closed");
+                    drop(tcp);
+                    continue;
+                };
                 let local = tcp.local_addr().unwrap_or(peer);
                 let _ = tcp.set_nodelay(true);
                 let (worker, forwarding, acceptor) = (worker.clone(), forwarding.clone(), acceptor.clone());
                 let local_subject = local_subject.clone();
                 tokio::task::spawn_local(async move {
+                    let _slot = slot;
                     match acceptor {
                         Some(acceptor) => {
-                            let Ok(stream) = acceptor.accept(tcp).await else { return };
+                            let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+                            let Ok(Ok(stream)) = handshake.await else { return };
                             let certificate = stream
                                 .get_ref()
                                 .1
@@ -155,7 +212,9 @@ async fn serve_http<I>(
         .max_header_list_size(MAX_REQUEST_HEADERS_BYTES);
     builder
         .http1()
-        .max_buf_size(MAX_REQUEST_HEADERS_BYTES as usize + 4096);
+        .max_buf_size(MAX_REQUEST_HEADERS_BYTES as usize + 4096)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(REQUEST_HEADERS_TIMEOUT);
     let _ = builder.serve_connection(io, service).await;
 }
 

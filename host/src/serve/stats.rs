@@ -17,6 +17,7 @@ pub struct WorkerStats {
     vm_restarts: AtomicU64,
     upstream_errors: AtomicU64,
     in_flight: AtomicU64,
+    connections_refused: AtomicU64,
 }
 
 impl WorkerStats {
@@ -57,6 +58,11 @@ impl WorkerStats {
         self.upstream_errors.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a connection closed because its listener was at `max_connections`.
+    pub fn connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A request started (`true`) or ended (`false`).
     pub fn in_flight(&self, started: bool) {
         if started {
@@ -75,7 +81,8 @@ impl WorkerStats {
 /// Prometheus text for all workers.
 pub fn render(workers: &[std::sync::Arc<WorkerStats>]) -> String {
     let mut requests: BTreeMap<(String, String), u64> = BTreeMap::new();
-    let (mut nanos, mut calls, mut restarts, mut upstream, mut in_flight) = (0, 0, 0, 0, 0);
+    let (mut nanos, mut calls, mut restarts, mut upstream, mut in_flight, mut refused) =
+        (0, 0, 0, 0, 0, 0);
     for w in workers {
         if let Ok(r) = w.requests.lock() {
             for (decision, codes) in r.iter() {
@@ -91,6 +98,7 @@ pub fn render(workers: &[std::sync::Arc<WorkerStats>]) -> String {
         restarts += w.vm_restarts.load(Ordering::Relaxed);
         upstream += w.upstream_errors.load(Ordering::Relaxed);
         in_flight += w.in_flight.load(Ordering::Relaxed);
+        refused += w.connections_refused.load(Ordering::Relaxed);
     }
     let mut out = String::new();
     let _ = writeln!(
@@ -117,5 +125,7 @@ pub fn render(workers: &[std::sync::Arc<WorkerStats>]) -> String {
     let _ = writeln!(out, "azgate_upstream_errors_total {upstream}");
     let _ = writeln!(out, "# TYPE azgate_requests_in_flight gauge");
     let _ = writeln!(out, "azgate_requests_in_flight {in_flight}");
+    let _ = writeln!(out, "# TYPE azgate_connections_refused_total counter");
+    let _ = writeln!(out, "azgate_connections_refused_total {refused}");
     out
 }

@@ -1,0 +1,307 @@
+use std::path::PathBuf;
+
+use super::*;
+
+/// A directory with `azgate.yaml` (from `yaml`) and the files it names.
+struct Fixture {
+    dir: PathBuf,
+}
+
+impl Fixture {
+    fn new(name: &str, yaml: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("azgate-envoy-config-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (file, text) in [
+            (
+                "ca.crt",
+                "-----BEGIN CERTIFICATE-----\nQ0E=\n-----END CERTIFICATE-----\n",
+            ),
+            (
+                "system.crt",
+                "-----BEGIN CERTIFICATE-----\nU1lT\n-----END CERTIFICATE-----\n",
+            ),
+            ("gateway.crt", "cert"),
+            ("gateway.key", "key"),
+            ("azgate.wasm", "wasm"),
+            (
+                "roles.yaml",
+                "kind: role\nversion: v7\nmetadata: {name: reader}\nspec:\n  allow:\n    azure_identities: [\"/subscriptions/s/id\"]\n",
+            ),
+            ("azgate.yaml", yaml),
+        ] {
+            std::fs::write(dir.join(file), text).unwrap();
+        }
+        Self { dir }
+    }
+
+    fn render(&self) -> Result<Value, ConfigError> {
+        let config = ServeConfig::load(&self.dir.join("azgate.yaml"))?;
+        envoy_document(&config, &self.options())
+    }
+
+    fn options(&self) -> RenderOptions {
+        RenderOptions {
+            token_service_address: "127.0.0.1:50342".parse().unwrap(),
+            system_ca_file: Some(self.dir.join("system.crt")),
+            source: self.dir.join("azgate.yaml"),
+        }
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const GATEWAY: &str = r#"
+listeners:
+  - name: azgate
+    address: 0.0.0.0:8443
+    max_connections: 500
+    tls: {cert: gateway.crt, key: gateway.key, client_ca: [ca.crt]}
+admin: {address: 127.0.0.1:9901}
+filter:
+  path: azgate.wasm
+  config: {clouds: [public]}
+  role_files: [roles.yaml]
+clusters:
+  azgate_msi: {token_service: true}
+"#;
+
+fn hcm(document: &Value, listener: usize) -> &Value {
+    let filters =
+        &document["static_resources"]["listeners"][listener]["filter_chains"][0]["filters"];
+    filters
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "envoy.filters.network.http_connection_manager")
+        .map(|f| &f["typed_config"])
+        .unwrap()
+}
+
+fn cluster<'a>(document: &'a Value, name: &str) -> &'a Value {
+    document["static_resources"]["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no cluster {name}"))
+}
+
+#[test]
+fn tls_listener_verifies_clients_and_sets_xfcc_from_the_verified_certificate() {
+    let fixture = Fixture::new("tls", GATEWAY);
+    let document = fixture.render().unwrap();
+    let listener = &document["static_resources"]["listeners"][0];
+    let tls = &listener["filter_chains"][0]["transport_socket"]["typed_config"];
+    assert_eq!(tls["require_client_certificate"], true);
+    assert_eq!(
+        tls["common_tls_context"]["validation_context"]["trusted_ca"]["filename"],
+        fixture.dir.join("ca.crt").to_str().unwrap()
+    );
+    assert!(
+        tls["common_tls_context"]["validation_context"]
+            .get("allow_expired_certificate")
+            .is_none()
+    );
+    let hcm = hcm(&document, 0);
+    assert_eq!(hcm["forward_client_cert_details"], "SANITIZE_SET");
+    assert_eq!(hcm["set_current_client_cert_details"]["cert"], true);
+}
+
+#[test]
+fn wasm_filter_is_fail_closed_with_role_files_merged_into_its_configuration() {
+    let fixture = Fixture::new("wasm", GATEWAY);
+    let document = fixture.render().unwrap();
+    let filters = hcm(&document, 0)["http_filters"].as_array().unwrap();
+    let names: Vec<&str> = filters
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    // The forward proxy must see the `:authority` the filter set, so it comes after it.
+    assert_eq!(
+        names,
+        [
+            "envoy.filters.http.wasm",
+            "envoy.filters.http.dynamic_forward_proxy",
+            "envoy.filters.http.router"
+        ]
+    );
+    let wasm = &filters[0]["typed_config"]["config"];
+    assert_eq!(wasm["failure_policy"], "FAIL_CLOSED");
+    assert_eq!(wasm["vm_config"]["runtime"], "envoy.wasm.runtime.v8");
+    let plugin: Value =
+        serde_json::from_str(wasm["configuration"]["value"].as_str().unwrap()).unwrap();
+    assert_eq!(plugin["clouds"], json!(["public"]));
+    assert_eq!(plugin["roles"][0]["metadata"]["name"], "reader");
+}
+
+#[test]
+fn token_service_clusters_point_at_the_token_service() {
+    let fixture = Fixture::new("token", GATEWAY);
+    let document = fixture.render().unwrap();
+    let msi = cluster(&document, "azgate_msi");
+    let address = &msi["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"];
+    assert_eq!(address["socket_address"]["address"], "127.0.0.1");
+    assert_eq!(address["socket_address"]["port_value"], 50342);
+    assert!(
+        msi.get("transport_socket").is_none(),
+        "plain HTTP on loopback"
+    );
+}
+
+#[test]
+fn azure_goes_through_the_dynamic_forward_proxy_with_system_roots() {
+    let fixture = Fixture::new("dfp", GATEWAY);
+    let document = fixture.render().unwrap();
+    let azure = cluster(&document, "azure");
+    assert_eq!(
+        azure["cluster_type"]["name"],
+        "envoy.clusters.dynamic_forward_proxy"
+    );
+    let tls = &azure["transport_socket"]["typed_config"]["common_tls_context"];
+    assert_eq!(
+        tls["validation_context"]["trusted_ca"]["filename"],
+        fixture.dir.join("system.crt").to_str().unwrap()
+    );
+    let protocol = &azure["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"];
+    assert_eq!(protocol["upstream_http_protocol_options"]["auto_sni"], true);
+    assert_eq!(
+        protocol["upstream_http_protocol_options"]["auto_san_validation"],
+        true
+    );
+    let routes = hcm(&document, 0)["route_config"]["virtual_hosts"][0]["routes"]
+        .as_array()
+        .unwrap();
+    assert_eq!(routes.len(), 1);
+    assert_eq!(routes[0]["route"]["cluster"], "azure");
+    assert_eq!(routes[0]["route"]["timeout"], "60s");
+}
+
+#[test]
+fn resolve_overrides_become_authority_routes_ahead_of_the_forward_proxy() {
+    let yaml = format!(
+        "{GATEWAY}upstream:\n  extra_ca: [ca.crt]\n  request_timeout_ms: 1500\n  resolve:\n    management.azure.com: 127.0.0.1:9443\n"
+    );
+    let fixture = Fixture::new("resolve", &yaml);
+    let document = fixture.render().unwrap();
+    let routes = hcm(&document, 0)["route_config"]["virtual_hosts"][0]["routes"]
+        .as_array()
+        .unwrap();
+    assert_eq!(routes.len(), 2);
+    assert_eq!(
+        routes[0]["match"]["headers"][0],
+        json!({"name": ":authority", "string_match": {"exact": "management.azure.com"}})
+    );
+    assert_eq!(routes[0]["route"]["timeout"], "1.5s");
+    assert_eq!(routes[1]["route"]["cluster"], "azure");
+    let fixed = cluster(&document, routes[0]["route"]["cluster"].as_str().unwrap());
+    assert_eq!(
+        fixed["transport_socket"]["typed_config"]["sni"],
+        "management.azure.com"
+    );
+    // The extra CA is trusted besides the system roots: both inline.
+    let ca = fixed["transport_socket"]["typed_config"]["common_tls_context"]["validation_context"]
+        ["trusted_ca"]["inline_string"]
+        .as_str()
+        .unwrap();
+    assert!(ca.contains("U1lT") && ca.contains("Q0E="), "{ca}");
+}
+
+#[test]
+fn plaintext_behind_a_front_trusts_the_fronts_xfcc() {
+    let yaml = GATEWAY.replace(
+        "    tls: {cert: gateway.crt, key: gateway.key, client_ca: [ca.crt]}\n",
+        "    plaintext_behind_trusted_front: true\n",
+    );
+    let fixture = Fixture::new("plaintext", &yaml);
+    let document = fixture.render().unwrap();
+    let chain = &document["static_resources"]["listeners"][0]["filter_chains"][0];
+    assert!(chain.get("transport_socket").is_none());
+    assert_eq!(
+        hcm(&document, 0)["forward_client_cert_details"],
+        "ALWAYS_FORWARD_ONLY"
+    );
+}
+
+#[test]
+fn connection_limits_per_listener_and_overall() {
+    let fixture = Fixture::new("limits", GATEWAY);
+    let document = fixture.render().unwrap();
+    let filters = &document["static_resources"]["listeners"][0]["filter_chains"][0]["filters"];
+    assert_eq!(filters[0]["name"], "envoy.filters.network.connection_limit");
+    assert_eq!(filters[0]["typed_config"]["max_connections"], 500);
+    assert_eq!(
+        document["overload_manager"]["resource_monitors"][0]["typed_config"]["max_active_downstream_connections"],
+        500
+    );
+}
+
+#[test]
+fn access_log_is_json_without_query_strings_or_credentials() {
+    let fixture = Fixture::new("log", GATEWAY);
+    let document = fixture.render().unwrap();
+    let log = &hcm(&document, 0)["access_log"][0]["typed_config"]["log_format"];
+    let format = log["json_format"].as_object().unwrap();
+    assert_eq!(format["path"], "%REQ_WITHOUT_QUERY(:PATH)%");
+    let text = serde_json::to_string(format).unwrap().to_ascii_lowercase();
+    for leak in ["authorization", "x-forwarded-client-cert", "%req(:path)%"] {
+        assert!(!text.contains(leak), "{leak} in {text}");
+    }
+}
+
+#[test]
+fn admin_must_stay_on_loopback() {
+    let yaml = GATEWAY.replace(
+        "admin: {address: 127.0.0.1:9901}",
+        "admin: {address: 0.0.0.0:9901}",
+    );
+    let fixture = Fixture::new("admin", &yaml);
+    let error = fixture.render().unwrap_err();
+    assert_eq!(error.field, "admin.address");
+}
+
+#[test]
+fn without_admin_there_is_no_admin_interface() {
+    let yaml = GATEWAY.replace("admin: {address: 127.0.0.1:9901}\n", "");
+    let fixture = Fixture::new("noadmin", &yaml);
+    assert!(fixture.render().unwrap().get("admin").is_none());
+}
+
+#[test]
+fn rendered_text_names_its_source_and_what_envoy_does_not_enforce() {
+    let yaml = format!("{GATEWAY}workers: 4\nupstream:\n  max_request_body_bytes: 1000\n");
+    let fixture = Fixture::new("header", &yaml);
+    let config = ServeConfig::load(&fixture.dir.join("azgate.yaml")).unwrap();
+    let text = render(&config, &fixture.options()).unwrap();
+    assert!(text.starts_with("# Envoy configuration rendered by `azgate envoy-config`"));
+    assert!(text.contains("--concurrency 4"));
+    assert!(text.contains("azgate token-service --listen 127.0.0.1:50342"));
+    assert!(text.contains("max_request_body_bytes is not enforced"));
+    // The YAML part parses back to the same document.
+    let parsed: Value = serde_yaml::from_str(&text).unwrap();
+    assert_eq!(parsed, envoy_document(&config, &fixture.options()).unwrap());
+}
+
+#[test]
+fn the_shipped_example_configuration_loads_and_renders() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/azgate.yaml");
+    let config = ServeConfig::load(&example).unwrap();
+    let options = RenderOptions {
+        token_service_address: DEFAULT_TOKEN_SERVICE_ADDRESS.parse().unwrap(),
+        system_ca_file: Some("/etc/ssl/certs/ca-certificates.crt".into()),
+        source: example.clone(),
+    };
+    let document = envoy_document(&config, &options).unwrap();
+    assert_eq!(
+        document["admin"]["address"]["socket_address"]["address"],
+        "127.0.0.1"
+    );
+    let plugin =
+        &hcm(&document, 0)["http_filters"][0]["typed_config"]["config"]["configuration"]["value"];
+    let plugin: Value = serde_json::from_str(plugin.as_str().unwrap()).unwrap();
+    assert_eq!(plugin["roles"][0]["metadata"]["name"], "azure-reader");
+}
