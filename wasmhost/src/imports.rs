@@ -256,11 +256,18 @@ fn add_buffers(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
 
 // === header maps ===
 
+/// The map for reading, if Envoy would offer it now (see `Stream::request_headers_open`).
 fn map(state: &HostState, kind: MapType) -> Option<&HeaderList> {
     match kind {
-        MapType::RequestHeaders => state.effective_stream().map(|s| &s.request_headers),
+        MapType::RequestHeaders => state
+            .effective_stream()
+            .filter(|s| s.request_headers_open || state.access_log)
+            .map(|s| &s.request_headers),
         MapType::RequestTrailers => state.effective_stream().map(|s| &s.request_trailers),
-        MapType::ResponseHeaders => state.effective_stream().map(|s| &s.response_headers),
+        MapType::ResponseHeaders => state
+            .effective_stream()
+            .filter(|s| s.response_headers_open || state.access_log)
+            .map(|s| &s.response_headers),
         MapType::ResponseTrailers => state.effective_stream().map(|s| &s.response_trailers),
         MapType::HttpCallResponseHeaders => state
             .call_response
@@ -276,12 +283,20 @@ fn map(state: &HostState, kind: MapType) -> Option<&HeaderList> {
     }
 }
 
+/// The map for changing, if Envoy would offer it now (never during `proxy_on_log`).
 fn map_mut(state: &mut HostState, kind: MapType) -> Option<&mut HeaderList> {
+    if state.access_log {
+        return None;
+    }
     let stream = state.effective_stream_mut()?;
     match kind {
-        MapType::RequestHeaders => Some(&mut stream.request_headers),
+        MapType::RequestHeaders => stream
+            .request_headers_open
+            .then_some(&mut stream.request_headers),
         MapType::RequestTrailers => Some(&mut stream.request_trailers),
-        MapType::ResponseHeaders => Some(&mut stream.response_headers),
+        MapType::ResponseHeaders => stream
+            .response_headers_open
+            .then_some(&mut stream.response_headers),
         MapType::ResponseTrailers => Some(&mut stream.response_trailers),
         _ => None,
     }
@@ -297,10 +312,13 @@ fn add_header_maps(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_pairs",
         |mut caller: Ctx<'_>, kind: i32, ptr_ptr: i32, size_ptr: i32| -> wasmtime::Result<i32> {
-            let Some(headers) = MapType::from_raw(kind).and_then(|k| map(caller.data(), k)) else {
+            let Some(kind) = MapType::from_raw(kind) else {
                 return Ok(status::BAD_ARGUMENT);
             };
-            let bytes = abi::serialize_pairs(headers);
+            // A map Envoy does not offer now reads as empty.
+            let bytes = map(caller.data(), kind)
+                .map(|headers| abi::serialize_pairs(headers))
+                .unwrap_or_default();
             copy_out(&mut caller, &bytes, ptr_ptr, size_ptr)?;
             Ok(status::OK)
         },
@@ -348,8 +366,16 @@ fn add_header_maps(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
          size_ptr: i32|
          -> wasmtime::Result<i32> {
             let name = key(&caller, key_ptr, key_len)?;
-            let Some(headers) = MapType::from_raw(kind).and_then(|k| map(caller.data(), k)) else {
+            let Some(kind) = MapType::from_raw(kind) else {
                 return Ok(status::BAD_ARGUMENT);
+            };
+            let Some(headers) = map(caller.data(), kind) else {
+                // Envoy: NOT_FOUND in the access-log phase, BAD_ARGUMENT otherwise.
+                return Ok(if caller.data().access_log {
+                    status::NOT_FOUND
+                } else {
+                    status::BAD_ARGUMENT
+                });
             };
             // Envoy returns the first value only.
             let Some(value) = headers
@@ -453,7 +479,12 @@ fn add_stream_control(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 // that status, so this host says BadArgument.
                 return Ok(status::BAD_ARGUMENT);
             }
-            Ok(push_action(&mut caller, StreamAction::Continue(kind)))
+            let status = push_action(&mut caller, StreamAction::Continue(kind));
+            // Envoy lets go of the request's maps at once (for either direction).
+            if let Some(stream) = caller.data_mut().effective_stream_mut() {
+                stream.request_headers_open = false;
+            }
+            Ok(status)
         },
     )?;
     linker.func_wrap(

@@ -11,7 +11,9 @@ use wasmtime::{Config, Engine, Instance, Linker, Module, Store, TypedFunc};
 use crate::abi::Action;
 use crate::error::HostError;
 use crate::shared::{Metrics, SharedData, SharedQueues};
-use crate::state::{CallResponse, Effects, HeaderList, HostState, Phase, Stream, StreamInfo};
+use crate::state::{
+    CallResponse, Effects, HeaderList, HostState, Phase, Stream, StreamAction, StreamInfo,
+};
 
 /// Plugin settings (Envoy's `PluginConfig` and `VmConfig`).
 #[derive(Clone, Debug)]
@@ -325,7 +327,32 @@ impl Vm {
             .stream(id)
             .map(|s| s.request_headers.len())
             .unwrap_or(0) as i32;
-        self.call_headers(&callback, id, count, end_of_stream)
+        self.set_open(id, |s| &mut s.request_headers_open, true);
+        let action = self.call_headers(&callback, id, count, end_of_stream)?;
+        if action == Action::Continue && !self.answered(id) {
+            self.set_open(id, |s| &mut s.request_headers_open, false);
+        }
+        Ok(action)
+    }
+
+    /// Opens or closes a header map of stream `id` to the filter.
+    fn set_open(&mut self, id: u32, flag: impl FnOnce(&mut Stream) -> &mut bool, open: bool) {
+        if let Some(stream) = self.store.data_mut().streams.get_mut(&id) {
+            *flag(stream) = open;
+        }
+    }
+
+    /// The last callback sent a local response for stream `id` (Envoy then treats the callback
+    /// as stopped, whatever it returned).
+    fn answered(&self, id: u32) -> bool {
+        self.store
+            .data()
+            .effects
+            .actions
+            .iter()
+            .any(|(stream, action)| {
+                *stream == id && matches!(action, StreamAction::LocalResponse(_))
+            })
     }
 
     /// `proxy_on_response_headers`, after storing the upstream's response headers.
@@ -343,7 +370,12 @@ impl Vm {
         let Some(callback) = self.callbacks.response_headers.clone() else {
             return Ok(Action::Continue);
         };
-        self.call_headers(&callback, id, count, end_of_stream)
+        self.set_open(id, |s| &mut s.response_headers_open, true);
+        let action = self.call_headers(&callback, id, count, end_of_stream)?;
+        if action == Action::Continue && !self.answered(id) {
+            self.set_open(id, |s| &mut s.response_headers_open, false);
+        }
+        Ok(action)
     }
 
     /// Runs a request- or response-headers callback on stream `id`.
@@ -433,9 +465,14 @@ impl Vm {
         self.check()?;
         self.store.data_mut().effective = id;
         if let Some(log) = self.callbacks.log.clone() {
-            log.call(&mut self.store, id as i32)
-                .map_err(|e| self.trapped(e))?;
+            self.store.data_mut().access_log = true;
+            let logged = log.call(&mut self.store, id as i32);
+            self.store.data_mut().access_log = false;
+            logged.map_err(|e| self.trapped(e))?;
         }
+        // After the access log, Envoy offers no header maps any more.
+        self.set_open(id, |s| &mut s.request_headers_open, false);
+        self.set_open(id, |s| &mut s.response_headers_open, false);
         if let Some(done) = self.callbacks.done.clone() {
             done.call(&mut self.store, id as i32)
                 .map_err(|e| self.trapped(e))?;

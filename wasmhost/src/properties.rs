@@ -24,7 +24,13 @@ pub(crate) fn lookup(state: &HostState, path: &[String]) -> Option<Vec<u8>> {
     {
         return Some(value.clone());
     }
+    // Envoy reads these request properties from the request header map, so they exist only
+    // while the filter is offered that map (or in the access log).
+    let headers_open = stream.request_headers_open || state.access_log;
     let header = |name: &str| -> Option<Vec<u8>> {
+        if !headers_open {
+            return None;
+        }
         stream
             .request_headers
             .iter()
@@ -33,6 +39,9 @@ pub(crate) fn lookup(state: &HostState, path: &[String]) -> Option<Vec<u8>> {
     };
     // Envoy joins repeated headers with a comma.
     let joined = |name: &str| -> Option<Vec<u8>> {
+        if !headers_open {
+            return None;
+        }
         let values: Vec<&[u8]> = stream
             .request_headers
             .iter()
@@ -72,9 +81,9 @@ pub(crate) fn lookup(state: &HostState, path: &[String]) -> Option<Vec<u8>> {
         ["request", "host"] => header(":authority"),
         ["request", "scheme"] => header(":scheme"),
         ["request", "method"] => header(":method"),
-        ["request", "id"] => Some(stream.info.request_id.clone().into_bytes()),
+        ["request", "id"] => headers_open.then(|| stream.info.request_id.clone().into_bytes()),
         ["request", "protocol"] => Some(stream.info.protocol.clone().into_bytes()),
-        ["request", "headers"] => Some(abi::serialize_pairs(&regular(stream))),
+        ["request", "headers"] => headers_open.then(|| abi::serialize_pairs(&regular(stream))),
         ["request", "headers", name] => joined(&name.to_ascii_lowercase()),
         ["request", "time"] => stream
             .info

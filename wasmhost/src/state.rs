@@ -57,6 +57,13 @@ pub struct Stream {
     /// Properties the filter set (`proxy_set_property`), by `\0`-joined path: Envoy keeps them
     /// in the stream's filter state, readable by later `proxy_get_property` calls.
     pub properties: HashMap<Vec<u8>, Vec<u8>>,
+    /// The request header map is offered to the filter. Envoy offers it during
+    /// `proxy_on_request_headers` and, when that paused (or answered), until a
+    /// `proxy_continue_stream`; otherwise only for reading in `proxy_on_log`. The
+    /// header-derived `request.*` properties follow it.
+    pub(crate) request_headers_open: bool,
+    /// The same for the response header map and `proxy_on_response_headers`.
+    pub(crate) response_headers_open: bool,
 }
 
 /// What the filter asked to happen to a stream; carried out after the callback returns.
@@ -193,6 +200,9 @@ pub(crate) struct HostState {
     pub(crate) allocate: Option<TypedFunc<i32, i32>>,
     /// `proxy_done` was called by the root context.
     pub(crate) done_called: bool,
+    /// `proxy_on_log` is running: Envoy's access-log phase, where the stream's header maps can
+    /// be read but not changed.
+    pub(crate) access_log: bool,
 }
 
 impl HostState {
@@ -211,6 +221,7 @@ impl HostState {
             memory: None,
             allocate: None,
             done_called: false,
+            access_log: false,
         }
     }
 
