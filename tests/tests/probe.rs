@@ -266,6 +266,8 @@ struct Request<'a> {
     body: Option<&'static str>,
     /// Over HTTP/2 instead of HTTP/1.1.
     h2: bool,
+    /// A shorter client timeout (the client gives up).
+    timeout: Option<Duration>,
 }
 
 impl<'a> Request<'a> {
@@ -346,6 +348,9 @@ impl Probe {
             .header("x-probe", request.scenario);
         for (name, value) in &request.headers {
             builder = builder.header(*name, value);
+        }
+        if let Some(timeout) = request.timeout {
+            builder = builder.timeout(timeout);
         }
         if let Some(body) = request.body {
             builder = builder.body(body);
@@ -450,6 +455,62 @@ async fn main_scenarios(topology: &Topology, probe: &Probe) -> Result<Observatio
     let timeout = probe.send(Request::new("call_timeout")).await;
     topology.imds.set_fault(Fault::None);
     record(&mut out, "call_timeout", timeout);
+
+    // A paused request changed and resumed after its call-out answered.
+    let mut resume = Request::new("call_resume");
+    resume.path = "/probe-resume";
+    let mut observed = probe.send(resume).await;
+    let seen = topology.azure.seen_with_path("/probe-resume");
+    observed["upstream_saw"] = json!(
+        seen.iter()
+            .map(|s| json!({
+                "x-probe-resumed": s.header("x-probe-resumed"),
+                "x-probe-after-resume": s.header("x-probe-after-resume"),
+                "x-probe": s.header("x-probe"),
+            }))
+            .collect::<Vec<_>>()
+    );
+    let statuses = probe
+        .send(Request::new("shared_read").header("x-probe-key", "probe.resume"))
+        .await;
+    observed["statuses"] = statuses["value"].clone();
+    record(&mut out, "call_resume", observed);
+
+    // Which maps and properties each callback can reach.
+    let mut phases = Request::new("phases");
+    phases.path = "/probe-phases";
+    let answer = probe.send(phases).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let read = probe
+        .send(Request::new("shared_read").header("x-probe-key", "probe.phases"))
+        .await;
+    let mut observed: Value = read["value"]
+        .as_str()
+        .and_then(|text| serde_json::from_str(text).ok())
+        .unwrap_or(Value::Null);
+    observed["http_status"] = answer["http_status"].clone();
+    record(&mut out, "phases", observed);
+
+    // The client gives up while its request waits for a call-out.
+    topology.imds.set_fault(Fault::Hang);
+    let mut abort = Request::new("call_abort").header("x-probe-life", "abort");
+    abort.timeout = Some(Duration::from_millis(300));
+    let aborted = probe.send(abort).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    topology.imds.set_fault(Fault::None);
+    let events = probe
+        .send(Request::new("lifecycle_read").header("x-probe-target", "abort"))
+        .await;
+    let after = probe.send(Request::new("ping")).await;
+    record(
+        &mut out,
+        "call_abort",
+        json!({
+            "client": aborted["http_error"],
+            "callbacks": events["events"],
+            "next_request": after["http_status"],
+        }),
+    );
 
     record(&mut out, "shared", probe.send(Request::new("shared")).await);
     record(

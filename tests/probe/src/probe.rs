@@ -120,6 +120,7 @@ impl RootContext for ProbeRoot {
             observed: json!({}),
             cas: None,
             body: Vec::new(),
+            phases: json!({}),
         }))
     }
 
@@ -140,6 +141,8 @@ struct ProbeStream {
     /// The counter value and cas read before the call-out (`cas` scenario).
     cas: Option<(u64, Option<u32>)>,
     body: Vec<u8>,
+    /// What each callback could reach (`phases` scenario).
+    phases: Value,
 }
 
 impl ProbeStream {
@@ -148,6 +151,38 @@ impl ProbeStream {
         if let Some(life) = &self.life {
             set_json(&format!("probe.life.{life}"), &json!(self.events));
         }
+    }
+
+    /// Records which header maps and properties the host offers in this callback
+    /// (`phases` scenario), under `probe.phases`.
+    fn phase(&mut self, name: &str) {
+        if self.scenario != "phases" {
+            return;
+        }
+        let status = |(status, _): (u32, Vec<u8>)| status;
+        let pairs = |(status, count): (u32, u32)| json!([status, count > 0]);
+        let property = |path: Vec<&str>, shape: Shape| match hc::get_property(path) {
+            Ok(value) => json!(value.as_deref().map(|v| shaped(v, shape))),
+            Err(status) => json!(format!("<{status:?}>")),
+        };
+        self.phases[name] = json!({
+            "request_get": status(raw::get_header(0, "x-probe")),
+            "request_pairs": pairs(raw::pair_count(0)),
+            "request_replace": raw::replace_header(0, "x-probe-phase", name),
+            "response_get": status(raw::get_header(2, ":status")),
+            "response_pairs": pairs(raw::pair_count(2)),
+            "response_replace": raw::replace_header(2, "x-probe-phase", name),
+            "call_get": status(raw::get_header(6, ":status")),
+            "call_pairs": pairs(raw::pair_count(6)),
+            "request.path": property(vec!["request", "path"], Shape::Text),
+            "request.headers.x-probe": property(vec!["request", "headers", "x-probe"], Shape::Text),
+            "request.id": property(vec!["request", "id"], Shape::Present),
+            "request.protocol": property(vec!["request", "protocol"], Shape::Text),
+            "request.time": property(vec!["request", "time"], Shape::Present),
+            "response.code": property(vec!["response", "code"], Shape::Int),
+            "source.address": property(vec!["source", "address"], Shape::Host),
+        });
+        set_json("probe.phases", &self.phases);
     }
 
     fn header(&self, name: &str) -> Option<String> {
@@ -212,6 +247,28 @@ impl ProbeStream {
                 Duration::from_secs(5),
             ),
             "lifecycle_forward" => forward(),
+            "phases" => {
+                self.phase("request_headers");
+                let _ = hc::set_map_value(
+                    MapType::HttpRequestHeaders,
+                    ":authority",
+                    Some("management.azure.com"),
+                );
+                self.call(
+                    "azgate_msi",
+                    "/metadata/identity/info?api-version=2018-02-01",
+                    true,
+                    Duration::from_secs(5),
+                )
+            }
+            "call_resume" => self.call(
+                "azgate_msi",
+                "/metadata/identity/info?api-version=2018-02-01",
+                true,
+                Duration::from_secs(5),
+            ),
+            // The runner hangs the emulator and gives up before this timeout.
+            "call_abort" => self.call("azgate_msi", TOKEN_PATH, true, Duration::from_millis(1500)),
             "lifecycle_read" => {
                 let name = self.header("x-probe-target").unwrap_or_default();
                 answer(json!({"events": get_json(&format!("probe.life.{name}"))}))
@@ -365,6 +422,33 @@ impl ProbeStream {
     }
 
     fn call_response(&mut self, num_headers: usize, body_size: usize, num_trailers: usize) {
+        if self.scenario == "phases" {
+            self.phase("call_response");
+            let resumed = hc::resume_http_request();
+            self.phase("call_response_after_resume");
+            self.phases["resume"] = json!(result_text(resumed));
+            set_json("probe.phases", &self.phases);
+            return;
+        }
+        if self.scenario == "call_resume" {
+            // Change the paused request, then let it go on to the upstream.
+            self.event("http_call_response");
+            let map = MapType::HttpRequestHeaders;
+            let status = hc::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            let _ = hc::set_map_value(map, "x-probe-resumed", Some(&status));
+            let _ = hc::set_map_value(map, ":authority", Some("management.azure.com"));
+            let resumed = hc::resume_http_request();
+            // After the resume, through a raw call: the SDK would panic on a refusal.
+            let late = raw::replace_header(0, "x-probe-after-resume", "1");
+            set_json(
+                "probe.resume",
+                &json!({"resume": result_text(resumed), "set_header_after_resume": late}),
+            );
+            return;
+        }
         let mut observed = self.observed.take();
         observed["num_headers_zero"] = json!(num_headers == 0);
         observed["num_trailers"] = json!(num_trailers);
@@ -500,6 +584,7 @@ impl Context for ProbeStream {
     }
 
     fn on_done(&mut self) -> bool {
+        self.phase("done");
         self.event("done");
         true
     }
@@ -520,6 +605,7 @@ impl HttpContext for ProbeStream {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         self.event(format!("response_headers(eos={end_of_stream})"));
+        self.phase("response_headers");
         if self.scenario == "lifecycle_forward" {
             let map = MapType::HttpResponseHeaders;
             let seen = json!({
@@ -545,6 +631,7 @@ impl HttpContext for ProbeStream {
     }
 
     fn on_log(&mut self) {
+        self.phase("log");
         self.event("log");
     }
 }
