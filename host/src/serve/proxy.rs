@@ -287,7 +287,15 @@ async fn handle(
             }
             Err(error) => {
                 worker.stats.upstream_error();
-                answer_error(&worker, &error)
+                // Like the router's local replies in Envoy, this passes through the filter's
+                // response callback.
+                tracing::warn!(code = error.code(), %error, "request failed in the gateway");
+                worker.stats.request("error", error.code());
+                local_response(through_response_headers(
+                    &worker,
+                    id,
+                    error_response(&error),
+                ))
             }
         },
         Outcome::Respond(local) => {
@@ -519,12 +527,23 @@ fn local_response(local: LocalResponse) -> Response<ResponseBody> {
 fn answer_error(worker: &Rc<Worker>, error: &ServeError) -> Response<ResponseBody> {
     tracing::warn!(code = error.code(), %error, "request failed in the gateway");
     worker.stats.request("error", error.code());
-    Response::builder()
-        .status(error.status())
-        .header("content-type", "application/json; charset=utf-8")
-        .header("x-azgate-error", error.code())
-        .body(full(error.body().into_bytes()))
-        .unwrap_or_else(|_| plain_error(500))
+    local_response(error_response(error))
+}
+
+/// The Azure-style JSON answer for a gateway error.
+fn error_response(error: &ServeError) -> LocalResponse {
+    LocalResponse {
+        status: error.status(),
+        details: error.code().into(),
+        headers: vec![
+            (
+                "content-type".into(),
+                b"application/json; charset=utf-8".to_vec(),
+            ),
+            ("x-azgate-error".into(), error.code().as_bytes().to_vec()),
+        ],
+        body: error.body().into_bytes(),
+    }
 }
 
 fn plain_error(status: u16) -> Response<ResponseBody> {
