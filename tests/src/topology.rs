@@ -24,6 +24,10 @@ pub const AZURE_HOSTS: &[&str] = &[
     "management.chinacloudapi.cn",
 ];
 
+/// A host name that reaches the fake Azure endpoint but is not in its certificate, so both
+/// gateways fail the upstream TLS connection (Envoy by `auto_san_validation`).
+pub const NOT_IN_CERTIFICATE: &str = "not-in-certificate.management.azure.com";
+
 /// Which gateway runs the filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Runtime {
@@ -447,6 +451,8 @@ async fn write_azgate_yaml(
         "graph.microsoft.com",
         "management.usgovcloudapi.net",
         "management.chinacloudapi.cn",
+        // Not in the fake's certificate: the upstream TLS check fails (as in Envoy).
+        NOT_IN_CERTIFICATE,
     ]
     .iter()
     .map(|host| (host.to_string(), azure.addr().to_string().into()))

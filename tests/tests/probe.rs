@@ -373,7 +373,9 @@ impl Probe {
                             .map(|v| format!("{name}: {}", v.to_str().unwrap_or("?"))))
                         .collect::<Vec<_>>()
                 );
-                if request.scenario.starts_with("local_response") {
+                if request.scenario.starts_with("local_response")
+                    || request.scenario == "upstream_error"
+                {
                     for name in [
                         "x-a",
                         "x-upper",
@@ -586,8 +588,15 @@ async fn main_scenarios(topology: &Topology, probe: &Probe) -> Result<Observatio
                 .await,
         );
     }
+    record(
+        &mut out,
+        "upstream_error",
+        probe
+            .send(Request::new("upstream_error").header("x-probe-life", "upstream_error"))
+            .await,
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for life in ["local", "call", "forward"] {
+    for life in ["local", "call", "forward", "upstream_error"] {
         let events = probe
             .send(Request::new("lifecycle_read").header("x-probe-target", life))
             .await;

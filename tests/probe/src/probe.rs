@@ -247,6 +247,15 @@ impl ProbeStream {
                 Duration::from_secs(5),
             ),
             "lifecycle_forward" => forward(),
+            // The upstream's certificate does not name this host: the gateway itself answers.
+            "upstream_error" => {
+                let _ = hc::set_map_value(
+                    MapType::HttpRequestHeaders,
+                    ":authority",
+                    Some("not-in-certificate.management.azure.com"),
+                );
+                Action::Continue
+            }
             "phases" => {
                 self.phase("request_headers");
                 let _ = hc::set_map_value(
@@ -615,7 +624,7 @@ impl HttpContext for ProbeStream {
             });
             let _ = hc::add_map_value(map, "x-probe-response", &seen.to_string());
         }
-        if self.scenario.starts_with("local_response") {
+        if self.scenario.starts_with("local_response") || self.scenario == "upstream_error" {
             // The probe's own local reply passing through its response callback.
             let map = MapType::HttpResponseHeaders;
             let status = hc::get_map_value(map, ":status").ok().flatten();
