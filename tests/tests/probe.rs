@@ -1,5 +1,5 @@
-//! The ABI probe comparison: the probe filter (`tests/probe`) runs on every selected runtime in
-//! the same topology, each scenario's observations are collected, printed side by side, and
+//! The ABI probe comparison: the probe filter (`tests/probe`) runs on Envoy and on `azgate
+//! serve` (those of `AZGATE_RUNTIMES`; `envoy-rendered` is skipped) in the same topology, each scenario's observations are collected, printed side by side, and
 //! every difference between Envoy and `azgate serve` must be pinned in `tests/probe/quirks.json`
 //! with both values and a reason. A pinned quirk that no longer reproduces exactly also fails,
 //! so the pin stays a real test.
@@ -7,7 +7,7 @@
 //! Run with `make test-probe` (or `cargo test -p azgate-tests --test probe` after `make probe
 //! envoy` and `cargo build -p azgate`). `AZGATE_RUNTIMES=serve` runs one runtime (no
 //! comparison), `AZGATE_KEEP_LOGS=1` keeps gateway logs, `AZGATE_PROBE_WASM` overrides the
-//! probe's path.
+//! probe's path, `AZGATE_PROBE_DUMP=FILE` writes every observation as JSON.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -81,7 +81,13 @@ fn main() -> std::process::ExitCode {
     };
     let results: Arc<Mutex<BTreeMap<&'static str, Observations>>> = Arc::default();
     let mut trials = Vec::new();
-    for gateway in Runtime::selected() {
+    // The probe compares the two hosts; `envoy-rendered` is Envoy again with the production
+    // configuration, whose differences are configuration, not host behaviour.
+    let runtimes: Vec<Runtime> = Runtime::selected()
+        .into_iter()
+        .filter(|r| matches!(r, Runtime::Envoy | Runtime::Serve))
+        .collect();
+    for gateway in runtimes {
         for (suffix, run) in [
             ("scenarios", Suite::Main),
             (
