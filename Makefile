@@ -35,7 +35,7 @@ build:
 ## through azgate az / azgate proxy azure and each gateway.
 test: wasm envoy test-unit test-filter test-envoy-config test-clients test-workstation
 
-test-unit: wasm
+test-unit: wasm probe
 	$(CARGO) test -p azgate-filter -p azgate -p azgate-wasmhost
 
 test-filter: wasm envoy
