@@ -90,6 +90,10 @@ impl Plugin {
                 wasmtime::Cache::new(cache).map_err(|e| HostError::Compile(e.to_string()))?;
             config.cache(Some(cache));
         }
+        if std::env::var_os("AZGATE_WASM_PERFMAP").is_some() {
+            // `perf` can then name the filter's functions (/tmp/perf-<pid>.map).
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config).map_err(|e| HostError::Compile(e.to_string()))?;
         let module =
             Module::new(&engine, wasm).map_err(|e| HostError::Compile(format!("{e:#}")))?;
