@@ -122,10 +122,14 @@ pub async fn start(
         "filter loaded"
     );
 
+    let workers = config.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
     let mut listeners = Vec::new();
     for listener in &config.listeners {
-        let socket = std::net::TcpListener::bind(listener.address)?;
-        socket.set_nonblocking(true)?;
+        let sockets = bind_per_worker(listener.address, workers)?;
         let local_subject = listener
             .tls
             .as_ref()
@@ -137,16 +141,11 @@ pub async fn start(
                 None
             }
         };
-        println!("listener {} on {}", listener.name, socket.local_addr()?);
+        println!("listener {} on {}", listener.name, sockets[0].local_addr()?);
         let connections = Arc::new(proxy::ConnectionLimit::new(listener.max_connections));
-        listeners.push((socket, tls, connections, local_subject));
+        listeners.push((sockets, tls, connections, local_subject));
     }
 
-    let workers = config.workers.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
     let ready = Arc::new(AtomicUsize::new(0));
     let mut all_stats = Vec::new();
     let mut threads = Vec::new();
@@ -154,9 +153,11 @@ pub async fn start(
         let stats = Arc::new(WorkerStats::default());
         all_stats.push(stats.clone());
         let mut specs = Vec::new();
-        for (socket, tls, connections, local_subject) in &listeners {
+        for (sockets, tls, connections, local_subject) in &mut listeners {
             specs.push(proxy::ListenerSpec {
-                listener: socket.try_clone()?,
+                listener: sockets.pop().ok_or_else(|| {
+                    ServeError::Config("one listening socket per worker was bound".into())
+                })?,
                 tls: tls.clone(),
                 connections: connections.clone(),
                 local_subject: local_subject.clone(),
@@ -193,6 +194,35 @@ pub async fn start(
         ));
     }
     Ok(Running { threads })
+}
+
+/// One listening socket per worker on `address`, all with `SO_REUSEPORT`, so the kernel spreads
+/// new connections across the workers (as Envoy's per-worker listeners do); a single shared
+/// socket lets whichever worker wakes first take them all.
+fn bind_per_worker(
+    address: std::net::SocketAddr,
+    workers: usize,
+) -> Result<Vec<std::net::TcpListener>, ServeError> {
+    let mut sockets: Vec<std::net::TcpListener> = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        // Port 0 picks a port once; the other workers join that one.
+        let address = match sockets.first() {
+            Some(first) => first.local_addr()?,
+            None => address,
+        };
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(address),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&address.into())?;
+        socket.listen(1024)?;
+        sockets.push(socket.into());
+    }
+    Ok(sockets)
 }
 
 fn run_worker(
