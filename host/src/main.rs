@@ -157,7 +157,10 @@ fn main() -> ExitCode {
         .lossy(false)
         // Buffered: the writer thread flushes whenever its queue runs dry, so a burst of
         // lines costs one write instead of one per line, and nothing waits longer than that.
-        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("AZGATE_LOG").unwrap_or_else(|_| EnvFilter::new(default_level)),
