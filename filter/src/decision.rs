@@ -7,8 +7,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
-use sha2::{Digest, Sha256};
-
 use crate::config::Config;
 use crate::endpoint::printable;
 use crate::error::Refusal;
@@ -95,8 +93,10 @@ impl AuditFields {
 #[derive(Debug, Default)]
 pub struct VerificationCache {
     capacity: usize,
-    claims: HashMap<[u8; 32], Claims>,
-    order: VecDeque<[u8; 32]>,
+    /// Token → (fingerprint of the certificate it verified under, its claims). Keyed by the
+    /// whole token, compared in full: no hash stands in for it.
+    claims: HashMap<Rc<str>, ([u8; 32], Claims)>,
+    order: VecDeque<Rc<str>>,
     certificates: HashMap<String, Rc<AppIdentity>>,
     certificate_order: VecDeque<String>,
 }
@@ -110,27 +110,27 @@ impl VerificationCache {
         }
     }
 
-    fn key(token: &str, cert: &AppIdentity) -> [u8; 32] {
-        let mut hasher = Sha256::new();
-        hasher.update(cert.fingerprint);
-        hasher.update(token.as_bytes());
-        hasher.finalize().into()
-    }
-
     fn verify(&mut self, token: &str, cert: &AppIdentity) -> Result<Claims, Refusal> {
-        let key = Self::key(token, cert);
-        if let Some(claims) = self.claims.get(&key) {
+        if let Some((fingerprint, claims)) = self.claims.get(token)
+            && *fingerprint == cert.fingerprint
+        {
             return Ok(claims.clone());
         }
         let claims = jwt::verify(token, &cert.public_key)?;
         if self.capacity > 0 {
-            if self.order.len() >= self.capacity
-                && let Some(oldest) = self.order.pop_front()
-            {
-                self.claims.remove(&oldest);
+            let token: Rc<str> = Rc::from(token);
+            let previous = self
+                .claims
+                .insert(token.clone(), (cert.fingerprint, claims.clone()));
+            // A token seen before under another certificate keeps its place in the order.
+            if previous.is_none() {
+                if self.order.len() >= self.capacity
+                    && let Some(oldest) = self.order.pop_front()
+                {
+                    self.claims.remove(&oldest);
+                }
+                self.order.push_back(token);
             }
-            self.order.push_back(key);
-            self.claims.insert(key, claims.clone());
         }
         Ok(claims)
     }
@@ -286,5 +286,64 @@ mod tests {
         assert_eq!(line["user"], "alice");
         let line: serde_json::Value = serde_json::from_str(&audit.line(Ok(()))).unwrap();
         assert_eq!(line["decision"], "allow");
+    }
+
+    fn identity(key: &p256::ecdsa::SigningKey, fingerprint: u8) -> AppIdentity {
+        AppIdentity {
+            user: "alice".into(),
+            roles: vec![],
+            selected_identity: None,
+            allowed_identities: vec![],
+            not_before: 0,
+            not_after: i64::MAX,
+            public_key: crate::jwt::tests::public(key),
+            fingerprint: [fingerprint; 32],
+        }
+    }
+
+    #[test]
+    fn a_verified_token_is_remembered_only_for_its_certificate() {
+        let key = p256::ecdsa::SigningKey::from_slice(&[7u8; 32]).unwrap();
+        let other_key = p256::ecdsa::SigningKey::from_slice(&[9u8; 32]).unwrap();
+        let token = crate::jwt::tests::es256(
+            &key,
+            serde_json::json!({"alg": "ES256", "typ": "JWT"}),
+            serde_json::json!({"resource": "https://management.azure.com/"}),
+        );
+        let mut cache = VerificationCache::new(2);
+        let signer = identity(&key, 1);
+        assert!(cache.verify(&token, &signer).is_ok());
+        assert_eq!(cache.len(), 1);
+        // Same token, same certificate: from the cache.
+        assert!(cache.verify(&token, &signer).is_ok());
+        assert_eq!(cache.len(), 1);
+        // Same token presented with another certificate: verified again, and refused.
+        let impostor = identity(&other_key, 2);
+        assert_eq!(
+            cache.verify(&token, &impostor).unwrap_err().code(),
+            "InvalidToken"
+        );
+    }
+
+    #[test]
+    fn the_cache_is_bounded_and_forgets_the_oldest() {
+        let key = p256::ecdsa::SigningKey::from_slice(&[7u8; 32]).unwrap();
+        let signer = identity(&key, 1);
+        let mut cache = VerificationCache::new(2);
+        let tokens: Vec<String> = (0..3)
+            .map(|i| {
+                crate::jwt::tests::es256(
+                    &key,
+                    serde_json::json!({"alg": "ES256"}),
+                    serde_json::json!({"resource": format!("api://{i}")}),
+                )
+            })
+            .collect();
+        for token in &tokens {
+            cache.verify(token, &signer).unwrap();
+        }
+        assert_eq!(cache.len(), 2);
+        assert!(!cache.claims.contains_key(tokens[0].as_str()));
+        assert!(cache.claims.contains_key(tokens[2].as_str()));
     }
 }

@@ -190,7 +190,7 @@ pub fn check_resource(resource: &str) -> Result<(), Refusal> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use p256::ecdsa::SigningKey;
     use p256::ecdsa::signature::Signer;
@@ -199,7 +199,12 @@ mod tests {
         URL_SAFE_NO_PAD.encode(v.to_string())
     }
 
-    fn es256(key: &SigningKey, header: serde_json::Value, claims: serde_json::Value) -> String {
+    /// A compact JWS signed with `key` (tests elsewhere in the crate use it too).
+    pub(crate) fn es256(
+        key: &SigningKey,
+        header: serde_json::Value,
+        claims: serde_json::Value,
+    ) -> String {
         let signed = format!("{}.{}", b64(&header), b64(&claims));
         let sig: p256::ecdsa::Signature = key.sign(signed.as_bytes());
         format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
@@ -209,7 +214,7 @@ mod tests {
         SigningKey::from_slice(&[7u8; 32]).unwrap()
     }
 
-    fn public(key: &SigningKey) -> PublicKey {
+    pub(crate) fn public(key: &SigningKey) -> PublicKey {
         PublicKey::P256(*key.verifying_key())
     }
 
