@@ -5,3 +5,13 @@ pub mod jwt;
 pub mod pki;
 pub mod topology;
 pub mod upstream;
+
+/// The tokio runtime the harness-less runners (`filter`, `probe`) drive their trials on: two
+/// threads, so a trial's client and a gateway's callbacks can progress together.
+pub fn runner_runtime() -> std::io::Result<std::sync::Arc<tokio::runtime::Runtime>> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map(std::sync::Arc::new)
+}

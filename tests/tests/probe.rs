@@ -61,12 +61,8 @@ struct Quirk {
 
 fn main() -> std::process::ExitCode {
     let args = Arguments::from_args();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => Arc::new(rt),
+    let runtime = match azgate_tests::runner_runtime() {
+        Ok(rt) => rt,
         Err(err) => {
             eprintln!("cannot start tokio: {err}");
             return std::process::ExitCode::FAILURE;
