@@ -353,7 +353,7 @@ impl Emulator {
 struct EmulatorHandler(Arc<State>);
 
 impl http_server::Handler for EmulatorHandler {
-    async fn handle(&self, _peer: SocketAddr, request: Request<Bytes>) -> Response<Bytes> {
+    async fn handle(&self, request: Request<Bytes>) -> Response<Bytes> {
         self.0.handle(request).await
     }
 }

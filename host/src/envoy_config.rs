@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value, json};
 
 use crate::serve::{ConfigError, ServeConfig};
+use crate::token::ListenAddress;
 
 /// CA bundles tried, in order, when no `--system-ca-file` is given (Debian/Ubuntu/Alpine,
 /// RHEL/Fedora, openSUSE).
@@ -43,7 +44,7 @@ pub const DEFAULT_TOKEN_SERVICE_ADDRESS: &str = "127.0.0.1:50342";
 #[derive(Clone, Debug)]
 pub struct RenderOptions {
     /// Where `azgate token-service` listens; used for `token_service: true` clusters.
-    pub token_service_address: SocketAddr,
+    pub token_service_address: ListenAddress,
     /// The system CA bundle for upstream TLS; `None` picks the first of [`SYSTEM_CA_BUNDLES`].
     pub system_ca_file: Option<PathBuf>,
     /// Named in the header comment.
@@ -122,8 +123,8 @@ pub fn envoy_document(config: &ServeConfig, options: &RenderOptions) -> Result<V
 
     for (name, cluster) in &config.clusters {
         let address = match (cluster.token_service, cluster.address) {
-            (_, Some(address)) => address,
-            (true, None) => options.token_service_address,
+            (_, Some(address)) => address_of(&ListenAddress::Tcp(address)),
+            (true, None) => address_of(&options.token_service_address),
             (false, None) => {
                 return Err(ConfigError::new(
                     format!("clusters.{name}"),
@@ -137,7 +138,7 @@ pub fn envoy_document(config: &ServeConfig, options: &RenderOptions) -> Result<V
             "connect_timeout": "1s",
             "load_assignment": {
                 "cluster_name": name,
-                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(address)}}]}],
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
             },
         }));
     }
@@ -491,6 +492,14 @@ fn path_text(path: &Path, field: &str) -> Result<String, ConfigError> {
     path.to_str()
         .map(str::to_owned)
         .ok_or_else(|| ConfigError::new(field, format!("{} is not UTF-8", path.display())))
+}
+
+/// An Envoy address: a socket address, or a pipe for a unix socket.
+fn address_of(address: &ListenAddress) -> Value {
+    match address {
+        ListenAddress::Tcp(address) => socket_address(*address),
+        ListenAddress::Unix(path) => json!({"pipe": {"path": path.to_string_lossy()}}),
+    }
 }
 
 fn socket_address(address: SocketAddr) -> Value {

@@ -5,7 +5,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -14,7 +13,8 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
 /// Request bodies larger than this are refused; token requests are GETs with empty bodies and
@@ -23,18 +23,41 @@ const MAX_REQUEST_BODY: usize = 64 * 1024;
 
 /// Something that answers one buffered request.
 pub(crate) trait Handler: Send + Sync + 'static {
-    fn handle(
-        &self,
-        peer: SocketAddr,
-        request: Request<Bytes>,
-    ) -> impl Future<Output = Response<Bytes>> + Send;
+    fn handle(&self, request: Request<Bytes>) -> impl Future<Output = Response<Bytes>> + Send;
+}
+
+/// A listening socket: TCP or a unix socket.
+pub(crate) trait Listener: Send + 'static {
+    /// An accepted connection.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The next connection and a description of its peer for logs.
+    fn accept(&self) -> impl Future<Output = std::io::Result<(Self::Stream, String)>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Stream = tokio::net::TcpStream;
+
+    async fn accept(&self) -> std::io::Result<(Self::Stream, String)> {
+        let (stream, peer) = TcpListener::accept(self).await?;
+        Ok((stream, peer.to_string()))
+    }
+}
+
+impl Listener for UnixListener {
+    type Stream = tokio::net::UnixStream;
+
+    async fn accept(&self) -> std::io::Result<(Self::Stream, String)> {
+        let (stream, _) = UnixListener::accept(self).await?;
+        // Unix peers are unnamed; the file system permissions of the socket chose them.
+        Ok((stream, "unix".to_owned()))
+    }
 }
 
 /// Accepts connections on `listener` until `shutdown` flips to `true` or its sender is dropped.
 /// Connections in progress are dropped at that point too, so a hanging handler cannot keep a
 /// stopped server alive.
-pub(crate) async fn serve<H: Handler>(
-    listener: TcpListener,
+pub(crate) async fn serve<L: Listener, H: Handler>(
+    listener: L,
     handler: Arc<H>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -56,7 +79,7 @@ pub(crate) async fn serve<H: Handler>(
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
                 let handler = Arc::clone(&handler);
-                async move { Ok::<_, Infallible>(dispatch(&*handler, peer, request).await) }
+                async move { Ok::<_, Infallible>(dispatch(&*handler, request).await) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service);
@@ -78,11 +101,7 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-async fn dispatch<H: Handler>(
-    handler: &H,
-    peer: SocketAddr,
-    request: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+async fn dispatch<H: Handler>(handler: &H, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let (parts, body) = request.into_parts();
     let body = match Limited::new(body, MAX_REQUEST_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -94,7 +113,7 @@ async fn dispatch<H: Handler>(
             return response;
         }
     };
-    let response = handler.handle(peer, Request::from_parts(parts, body)).await;
+    let response = handler.handle(Request::from_parts(parts, body)).await;
     response.map(Full::new)
 }
 

@@ -55,9 +55,10 @@ enum Command {
         /// Write here instead of standard output.
         #[arg(long)]
         output: Option<PathBuf>,
-        /// Where `azgate token-service` listens, for `token_service: true` clusters.
+        /// Where `azgate token-service` listens, for `token_service: true` clusters: HOST:PORT or
+        /// `unix:/path`.
         #[arg(long, default_value = azgate::envoy_config::DEFAULT_TOKEN_SERVICE_ADDRESS)]
-        token_service_address: SocketAddr,
+        token_service_address: azgate::token::ListenAddress,
         /// System CA bundle for TLS to Azure (default: the first that exists of the usual
         /// Linux locations).
         #[arg(long)]
@@ -78,9 +79,10 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct TokenServiceArgs {
-    /// Address to listen on (loopback); port 0 picks a free port (the chosen address is printed).
+    /// Where to listen: HOST:PORT (loopback; port 0 picks a free port, printed) or
+    /// `unix:/path` (a socket with mode 0660: only its owner and group may ask for tokens).
     #[arg(long)]
-    listen: SocketAddr,
+    listen: azgate::token::ListenAddress,
     /// Where tokens come from; `auto` detects it from the environment in the Azure SDKs' order.
     #[arg(long, value_enum, default_value_t = SourceKind::Auto)]
     source: SourceKind,
@@ -255,11 +257,13 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             if !args.allowed_identities.is_empty() {
                 service = service.with_allowed_identities(args.allowed_identities.clone());
             }
-            if !args.listen.ip().is_loopback() {
+            if let azgate::token::ListenAddress::Tcp(addr) = &args.listen
+                && !addr.ip().is_loopback()
+            {
                 // Anyone who can reach this port gets tokens for every allowed identity.
                 tracing::warn!(listen = %args.listen, "token service listening on a non-loopback address");
             }
-            let running = service.start(args.listen).await?;
+            let running = service.start_on(&args.listen).await?;
             println!("listening on {}", running.local_addr());
             tracing::info!(addr = %running.local_addr(), "token service serving");
             shutdown_signal().await;

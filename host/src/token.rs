@@ -50,7 +50,7 @@ pub use error::{Culprit, TokenError};
 pub use metrics::MetricsSnapshot;
 pub use provider::{AccessToken, ProviderConfig, TokenProvider};
 pub use retry::RetryPolicy;
-pub use service::{RunningTokenService, TOKEN_PATH, TokenService};
+pub use service::{ListenAddress, RunningTokenService, TOKEN_PATH, TokenService};
 pub use source::{
     ClientCertificate, DEFAULT_AUTHORITY_HOST, IMDS_ENDPOINT, ManagedIdentity, Secret, Source,
 };

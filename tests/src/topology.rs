@@ -260,7 +260,7 @@ impl Gateway {
                     address
                 } else {
                     // Not used: every cluster has an address.
-                    free_port()?
+                    free_port()?.to_string()
                 };
                 rendered_envoy_command(&dir, &ports, imds, azure, options, token_service_address)
                     .await?
@@ -368,10 +368,10 @@ async fn rendered_envoy_command(
     imds: &Emulator,
     azure: &FakeAzure,
     options: &Options,
-    token_service_address: SocketAddr,
+    token_service_address: String,
 ) -> Result<Command> {
     let config_path = write_azgate_yaml(dir, ports, imds, azure, options).await?;
-    let envoy_config = render_envoy_config(&config_path, token_service_address).await?;
+    let envoy_config = render_envoy_config(&config_path, &token_service_address).await?;
     let mut command = Command::new(envoy_binary()?);
     command
         .arg("-c")
@@ -387,7 +387,7 @@ async fn rendered_envoy_command(
 /// Runs `azgate envoy-config` on `azgate_yaml`, writing `envoy.yaml` beside it.
 pub async fn render_envoy_config(
     azgate_yaml: &Path,
-    token_service_address: SocketAddr,
+    token_service_address: &str,
 ) -> Result<PathBuf> {
     let output = azgate_yaml.with_file_name("envoy.yaml");
     let result = Command::new(azgate_binary()?)
@@ -397,7 +397,7 @@ pub async fn render_envoy_config(
         .arg("--output")
         .arg(&output)
         .arg("--token-service-address")
-        .arg(token_service_address.to_string())
+        .arg(token_service_address)
         .output()
         .await?;
     if !result.status.success() {
@@ -409,14 +409,18 @@ pub async fn render_envoy_config(
     Ok(output)
 }
 
-/// `azgate token-service` on a free loopback port, getting tokens from `imds`.
-async fn start_token_service(dir: &Path, imds: &Emulator) -> Result<(Child, SocketAddr)> {
-    let address = free_port()?;
+/// `azgate token-service` on a unix socket in `dir` (as the production units may run it),
+/// getting tokens from `imds`; returns the child and the `unix:` address.
+async fn start_token_service(dir: &Path, imds: &Emulator) -> Result<(Child, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let socket = dir.join("token.sock");
+    let address = format!("unix:{}", socket.display());
     let log = std::fs::File::create(dir.join("token-service.log"))?;
     let child = Command::new(azgate_binary()?)
         .arg("token-service")
         .arg("--listen")
-        .arg(address.to_string())
+        .arg(&address)
         .args(["--source", "imds", "--imds-endpoint"])
         .arg(format!("http://{}", imds.local_addr()))
         .stdout(Stdio::null())
@@ -424,13 +428,17 @@ async fn start_token_service(dir: &Path, imds: &Emulator) -> Result<(Child, Sock
         .kill_on_drop(true)
         .spawn()
         .context("starting azgate token-service")?;
-    let client = reqwest::Client::builder().no_proxy().build()?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        if let Ok(response) = client.get(format!("http://{address}/healthz")).send().await
-            && response.status().is_success()
-        {
-            return Ok((child, address));
+        if let Ok(mut stream) = tokio::net::UnixStream::connect(&socket).await {
+            let request = b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n";
+            let mut answer = Vec::new();
+            if stream.write_all(request).await.is_ok()
+                && stream.read_to_end(&mut answer).await.is_ok()
+                && answer.starts_with(b"HTTP/1.1 200")
+            {
+                return Ok((child, address));
+            }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

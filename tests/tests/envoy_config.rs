@@ -71,7 +71,7 @@ async fn production_shape_validates_in_envoy() -> Result<()> {
     });
     let azgate_yaml = dir.join("azgate.yaml");
     std::fs::write(&azgate_yaml, serde_json::to_string_pretty(&yaml)?)?;
-    let rendered = topology::render_envoy_config(&azgate_yaml, "127.0.0.1:50342".parse()?).await?;
+    let rendered = topology::render_envoy_config(&azgate_yaml, "127.0.0.1:50342").await?;
     let text = std::fs::read_to_string(&rendered)?;
     ensure!(text.contains("envoy.clusters.dynamic_forward_proxy"));
     ensure!(
@@ -87,7 +87,10 @@ async fn production_shape_validates_in_envoy() -> Result<()> {
         "clusters": {"azgate_msi": {"token_service": true}},
     });
     std::fs::write(&azgate_yaml, serde_json::to_string_pretty(&yaml)?)?;
-    let rendered = topology::render_envoy_config(&azgate_yaml, "127.0.0.1:50342".parse()?).await?;
+    // And with the token service on a unix socket (an Envoy pipe address).
+    let rendered =
+        topology::render_envoy_config(&azgate_yaml, "unix:/run/azgate/token.sock").await?;
+    ensure!(std::fs::read_to_string(&rendered)?.contains("/run/azgate/token.sock"));
     envoy_validate(&rendered).await?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

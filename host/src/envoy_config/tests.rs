@@ -305,3 +305,36 @@ fn the_shipped_example_configuration_loads_and_renders() {
     let plugin: Value = serde_json::from_str(plugin.as_str().unwrap()).unwrap();
     assert_eq!(plugin["roles"][0]["metadata"]["name"], "azure-reader");
 }
+
+#[test]
+fn a_unix_socket_token_service_is_an_envoy_pipe() {
+    let fixture = Fixture::new("pipe", GATEWAY);
+    let config = ServeConfig::load(&fixture.dir.join("azgate.yaml")).unwrap();
+    let options = RenderOptions {
+        token_service_address: "unix:/run/azgate/token.sock".parse().unwrap(),
+        ..fixture.options()
+    };
+    let document = envoy_document(&config, &options).unwrap();
+    let msi = cluster(&document, "azgate_msi");
+    assert_eq!(
+        msi["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"],
+        json!({"pipe": {"path": "/run/azgate/token.sock"}})
+    );
+}
+
+#[test]
+fn listen_addresses_are_tcp_or_absolute_unix_paths() {
+    assert_eq!(
+        "127.0.0.1:50342".parse::<ListenAddress>().unwrap(),
+        ListenAddress::Tcp("127.0.0.1:50342".parse().unwrap())
+    );
+    assert_eq!(
+        "unix:/run/azgate/token.sock"
+            .parse::<ListenAddress>()
+            .unwrap()
+            .to_string(),
+        "unix:/run/azgate/token.sock"
+    );
+    assert!("unix:token.sock".parse::<ListenAddress>().is_err());
+    assert!("localhost".parse::<ListenAddress>().is_err());
+}

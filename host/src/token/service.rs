@@ -9,12 +9,13 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
 use super::error::TokenError;
@@ -37,8 +38,44 @@ pub struct TokenService {
 /// A running [`TokenService`]; stops when dropped or on [`RunningTokenService::shutdown`].
 #[derive(Debug)]
 pub struct RunningTokenService {
-    local_addr: SocketAddr,
+    address: ListenAddress,
     stop: watch::Sender<bool>,
+}
+
+/// Where a token service listens: a TCP address, or `unix:/path` for a unix socket (which the
+/// file system's permissions guard: only the socket's owner and group may connect).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddress {
+    /// A TCP address (loopback recommended).
+    Tcp(SocketAddr),
+    /// A unix socket path.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ListenAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(address) => write!(f, "{address}"),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl std::str::FromStr for ListenAddress {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.strip_prefix("unix:") {
+            Some(path) if path.starts_with('/') => Ok(Self::Unix(PathBuf::from(path))),
+            Some(_) => Err(format!(
+                "{text}: a unix socket needs an absolute path (unix:/run/…)"
+            )),
+            None => text
+                .parse()
+                .map(Self::Tcp)
+                .map_err(|_| format!("{text}: expected HOST:PORT or unix:/path")),
+        }
+    }
 }
 
 // === impl TokenService ===
@@ -64,11 +101,38 @@ impl TokenService {
 
     /// Binds `addr` and serves on the current tokio runtime.
     pub async fn start(self, addr: SocketAddr) -> std::io::Result<RunningTokenService> {
-        let listener = TcpListener::bind(addr).await?;
-        let local_addr = listener.local_addr()?;
+        self.start_on(&ListenAddress::Tcp(addr)).await
+    }
+
+    /// Binds `address` (TCP, or a unix socket created with mode 0660, replacing a stale socket
+    /// file but nothing else) and serves on the current tokio runtime.
+    pub async fn start_on(self, address: &ListenAddress) -> std::io::Result<RunningTokenService> {
         let (stop, stopped) = watch::channel(false);
-        tokio::spawn(http_server::serve(listener, Arc::new(self), stopped));
-        Ok(RunningTokenService { local_addr, stop })
+        let address = match address {
+            ListenAddress::Tcp(addr) => {
+                let listener = TcpListener::bind(addr).await?;
+                let bound = ListenAddress::Tcp(listener.local_addr()?);
+                tokio::spawn(http_server::serve(listener, Arc::new(self), stopped));
+                bound
+            }
+            ListenAddress::Unix(path) => {
+                use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+                if let Ok(metadata) = std::fs::symlink_metadata(path) {
+                    if !metadata.file_type().is_socket() {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::AlreadyExists,
+                            format!("{} exists and is not a socket", path.display()),
+                        ));
+                    }
+                    std::fs::remove_file(path)?;
+                }
+                let listener = UnixListener::bind(path)?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+                tokio::spawn(http_server::serve(listener, Arc::new(self), stopped));
+                ListenAddress::Unix(path.clone())
+            }
+        };
+        Ok(RunningTokenService { address, stop })
     }
 
     /// Answers one request (also usable without a socket).
@@ -139,7 +203,7 @@ impl TokenService {
 }
 
 impl http_server::Handler for TokenService {
-    async fn handle(&self, _peer: SocketAddr, request: Request<Bytes>) -> Response<Bytes> {
+    async fn handle(&self, request: Request<Bytes>) -> Response<Bytes> {
         TokenService::handle(self, request).await
     }
 }
@@ -147,9 +211,9 @@ impl http_server::Handler for TokenService {
 // === impl RunningTokenService ===
 
 impl RunningTokenService {
-    /// The address it listens on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+    /// The address it listens on (the port chosen when asked for port 0).
+    pub fn local_addr(&self) -> &ListenAddress {
+        &self.address
     }
 
     /// Stops accepting and closes open connections.
