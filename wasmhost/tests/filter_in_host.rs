@@ -3,21 +3,14 @@
 
 #![allow(clippy::expect_used, reason = "test helpers fail the test on purpose")]
 
-use std::path::PathBuf;
+mod common;
 
 use azgate_wasmhost::{
     Action, HostError, Plugin, PluginOptions, SharedStores, StreamAction, StreamInfo,
 };
 
 fn filter_wasm() -> Vec<u8> {
-    let path = std::env::var_os("AZGATE_WASM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/wasm32-wasip1/release/azgate_filter.wasm")
-        });
-    std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("{} missing ({e}); run `make wasm` first", path.display()))
+    common::built_wasm("AZGATE_WASM", "azgate_filter.wasm", "wasm")
 }
 
 fn options(config: &str) -> PluginOptions {

@@ -4,19 +4,12 @@
 
 #![allow(clippy::expect_used, reason = "test helpers fail the test on purpose")]
 
-use std::path::PathBuf;
+mod common;
 
 use azgate_wasmhost::{Action, CallResponse, Plugin, PluginOptions, SharedStores, StreamInfo};
 
 fn probe_wasm() -> Vec<u8> {
-    let path = std::env::var_os("AZGATE_PROBE_WASM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/wasm32-wasip1/release/azgate_probe.wasm")
-        });
-    std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("{} missing ({e}); run `make probe` first", path.display()))
+    common::built_wasm("AZGATE_PROBE_WASM", "azgate_probe.wasm", "probe")
 }
 
 fn headers(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
