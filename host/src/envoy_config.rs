@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use crate::serve::{ConfigError, ServeConfig};
+use crate::serve::{ConfigError, ListenerConfig, ServeConfig};
 use crate::token::ListenAddress;
 
 /// CA bundles tried, in order, when no `--system-ca-file` is given (Debian/Ubuntu/Alpine,
@@ -152,7 +152,12 @@ pub fn envoy_document(config: &ServeConfig, options: &RenderOptions) -> Result<V
     let mut total_connections: u64 = 0;
     for (index, listener) in config.listeners.iter().enumerate() {
         total_connections += u64::from(listener.max_connections);
-        listeners.push(envoy_listener(index, config, &route_config, &wasm_filter)?);
+        listeners.push(envoy_listener(
+            index,
+            listener,
+            &route_config,
+            &wasm_filter,
+        )?);
     }
 
     let mut document = json!({
@@ -207,11 +212,10 @@ fn header(config: &ServeConfig, options: &RenderOptions) -> String {
 
 fn envoy_listener(
     index: usize,
-    config: &ServeConfig,
+    listener: &ListenerConfig,
     route_config: &Value,
     wasm_filter: &Value,
 ) -> Result<Value, ConfigError> {
-    let listener = &config.listeners[index];
     let field = |name: &str| format!("listeners[{index}].{name}");
     let name = &listener.name;
     // SANITIZE_SET: a client-supplied XFCC is dropped and the verified certificate set, so the

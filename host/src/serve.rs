@@ -24,7 +24,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use tokio::sync::watch;
 
-pub use config::{ClientCertificateMode, ConfigError, ServeConfig, read_role_file};
+pub use config::{ClientCertificateMode, ConfigError, ListenerConfig, ServeConfig, read_role_file};
 pub use error::ServeError;
 pub use stats::WorkerStats;
 
