@@ -334,10 +334,11 @@ fn read_token_response(
             "the token service could not be reached".into(),
         ));
     }
-    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+    // Bytes: the string API traps on a non-UTF-8 value, and the answer is not ours.
+    let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
         .ok()
         .flatten()
-        .and_then(|s| s.parse::<u16>().ok())
+        .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
         .ok_or_else(|| {
             Refusal::InvalidTokenServiceResponse("the token service answer has no status".into())
         })?;

@@ -1,8 +1,9 @@
 //! The per-request decision, from request headers to "forward with a token for (identity,
 //! resource) to this host" or a refusal. Pure: the proxy-wasm glue feeds it headers and the clock.
 //!
-//! Order of checks: certificate (identity, validity, selected identity), `Authorization` shape,
-//! RBAC, target endpoint, and last the JWT signature (the expensive step) and its claims.
+//! Order of checks: the request line (method, origin-form target), certificate (identity,
+//! validity, selected identity), `Authorization` shape, RBAC, target endpoint, and last the JWT
+//! signature (the expensive step) and its claims.
 
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
@@ -10,6 +11,7 @@ use std::rc::Rc;
 use crate::config::Config;
 use crate::endpoint::printable;
 use crate::error::Refusal;
+use crate::headers;
 use crate::identity::{self, AppIdentity};
 use crate::jwt::{self, Claims};
 use crate::policy::IdentityId;
@@ -143,8 +145,7 @@ impl VerificationCache {
         {
             return Ok(cert.clone());
         }
-        let pem = identity::cert_pem_from_xfcc(xfcc)?;
-        let cert = Rc::new(identity::parse_app_certificate(&pem)?);
+        let cert = Rc::new(identity::certificate_from_xfcc(xfcc)?);
         if self.capacity > 0
             && let [value] = xfcc
         {
@@ -167,6 +168,27 @@ impl VerificationCache {
     /// True if nothing is remembered.
     pub fn is_empty(&self) -> bool {
         self.claims.is_empty()
+    }
+}
+
+/// Decides a request from the host's header pairs (see [`headers::read`]).
+pub fn decide_header_map(
+    pairs: &[(String, Vec<u8>)],
+    config: &Config,
+    now: i64,
+    verified: &mut VerificationCache,
+) -> (AuditFields, Result<Grant, Refusal>) {
+    match headers::read(pairs) {
+        Ok(view) => decide(&view, config, now, verified),
+        Err(refusal) => {
+            let (method, path) = headers::audit_method_and_path(pairs);
+            let audit = AuditFields {
+                method,
+                path,
+                ..Default::default()
+            };
+            (audit, Err(refusal))
+        }
     }
 }
 
@@ -193,6 +215,7 @@ fn decide_into(
     verified: &mut VerificationCache,
     audit: &mut AuditFields,
 ) -> Result<Grant, Refusal> {
+    check_request_line(view.method, view.path)?;
     let cert = verified.certificate(&view.xfcc)?;
     audit.user = Some(cert.user.clone());
     audit.roles = cert.roles.clone();
@@ -250,9 +273,52 @@ fn decide_into(
     })
 }
 
+/// Refuses what cannot be forwarded as a plain Azure request: a tunnel (`CONNECT`), a method
+/// that echoes the request with its injected token (`TRACE`), and targets that are not a path
+/// (`OPTIONS *`; absolute-form targets reach the filter already split by the host).
+fn check_request_line(method: &str, path: &str) -> Result<(), Refusal> {
+    if method.eq_ignore_ascii_case("CONNECT") || method.eq_ignore_ascii_case("TRACE") {
+        return Err(Refusal::MethodNotAllowed(format!(
+            "azgate does not forward {} requests",
+            printable(method)
+        )));
+    }
+    if !path.starts_with('/') {
+        return Err(Refusal::InvalidRequestTarget(
+            "the request target must be a path starting with '/'".into(),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tunnels_trace_and_non_path_targets_are_refused_before_anything_else() {
+        let config = Config::default();
+        for (method, path, code) in [
+            ("CONNECT", "", "MethodNotAllowed"),
+            ("connect", "management.azure.com:443", "MethodNotAllowed"),
+            ("TRACE", "/", "MethodNotAllowed"),
+            ("OPTIONS", "*", "InvalidRequestTarget"),
+            (
+                "GET",
+                "https://management.azure.com/",
+                "InvalidRequestTarget",
+            ),
+            ("GET", "", "InvalidRequestTarget"),
+        ] {
+            let view = RequestView {
+                method,
+                path,
+                ..Default::default()
+            };
+            let (_, result) = decide(&view, &config, 0, &mut VerificationCache::new(4));
+            assert_eq!(result.unwrap_err().code(), code, "{method} {path}");
+        }
+    }
 
     #[test]
     fn missing_certificate_is_refused_first() {

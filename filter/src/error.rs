@@ -16,11 +16,15 @@ pub enum Refusal {
     ClientCertificateExpired(String),
     /// The `Authorization` header is present but not `Bearer <token>`. 400 `InvalidAuthorizationHeader`.
     InvalidAuthorizationHeader(String),
+    /// A header the filter reads is not UTF-8 or carries control characters. 400 `InvalidHeader`.
+    InvalidHeader(String),
     /// The XFCC header carried a certificate that could not be parsed, or one that is not a
     /// usable Teleport app certificate (no user, unsupported key). 401 `InvalidClientCertificate`.
     InvalidClientCertificate(String),
     /// `X-Forwarded-Host` names the same header more than once. 400 `InvalidForwardedHost`.
     InvalidForwardedHost(String),
+    /// The request target is not origin-form (`OPTIONS *`, an authority). 400 `InvalidRequestTarget`.
+    InvalidRequestTarget(String),
     /// The `resource` claim is not an acceptable token audience. 400 `InvalidResource`.
     InvalidResource(String),
     /// The JWT is malformed, badly signed, uses a refused algorithm, or lacks `resource`.
@@ -34,6 +38,9 @@ pub enum Refusal {
     IdentityNotAllowed(String),
     /// A host call failed where it cannot fail in a healthy proxy. 500 `InternalError`.
     Internal(String),
+    /// `CONNECT` (a tunnel azgate cannot inspect) or `TRACE` (it would echo the injected token).
+    /// 405 `MethodNotAllowed`.
+    MethodNotAllowed(String),
     /// No verified client certificate reached the filter. 401 `MissingClientCertificate`.
     MissingClientCertificate(String),
     /// No `X-Forwarded-Host` header. 400 `MissingForwardedHost`.
@@ -62,6 +69,8 @@ impl Refusal {
         match self {
             Self::InvalidAuthorizationHeader(_)
             | Self::InvalidForwardedHost(_)
+            | Self::InvalidHeader(_)
+            | Self::InvalidRequestTarget(_)
             | Self::InvalidResource(_)
             | Self::MissingForwardedHost(_)
             | Self::TokenTooLarge(_) => 400,
@@ -76,6 +85,7 @@ impl Refusal {
             | Self::IdentityNotInCertificate(_)
             | Self::NoIdentitySelected(_)
             | Self::NotAnAzureEndpoint(_) => 403,
+            Self::MethodNotAllowed(_) => 405,
             Self::Internal(_) => 500,
             Self::InvalidTokenServiceResponse(_) => 502,
             Self::TokenUnavailable(_) => 503,
@@ -90,12 +100,15 @@ impl Refusal {
             Self::InvalidAuthorizationHeader(_) => "InvalidAuthorizationHeader",
             Self::InvalidClientCertificate(_) => "InvalidClientCertificate",
             Self::InvalidForwardedHost(_) => "InvalidForwardedHost",
+            Self::InvalidHeader(_) => "InvalidHeader",
+            Self::InvalidRequestTarget(_) => "InvalidRequestTarget",
             Self::InvalidResource(_) => "InvalidResource",
             Self::InvalidToken(_) => "InvalidToken",
             Self::InvalidTokenServiceResponse(_) => "InvalidTokenServiceResponse",
             Self::IdentityNotInCertificate(_) => "IdentityNotInCertificate",
             Self::IdentityNotAllowed(_) => "IdentityNotAllowed",
             Self::Internal(_) => "InternalError",
+            Self::MethodNotAllowed(_) => "MethodNotAllowed",
             Self::MissingClientCertificate(_) => "MissingClientCertificate",
             Self::MissingForwardedHost(_) => "MissingForwardedHost",
             Self::MissingToken(_) => "MissingToken",
@@ -116,12 +129,15 @@ impl Refusal {
             | Self::InvalidAuthorizationHeader(m)
             | Self::InvalidClientCertificate(m)
             | Self::InvalidForwardedHost(m)
+            | Self::InvalidHeader(m)
+            | Self::InvalidRequestTarget(m)
             | Self::InvalidResource(m)
             | Self::InvalidToken(m)
             | Self::InvalidTokenServiceResponse(m)
             | Self::IdentityNotInCertificate(m)
             | Self::IdentityNotAllowed(m)
             | Self::Internal(m)
+            | Self::MethodNotAllowed(m)
             | Self::MissingClientCertificate(m)
             | Self::MissingForwardedHost(m)
             | Self::MissingToken(m)

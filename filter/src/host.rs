@@ -11,7 +11,7 @@ use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, Status};
 
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::decision::{self, RequestView, VerificationCache};
+use crate::decision::{self, VerificationCache};
 use crate::error::Refusal;
 use crate::imds::AccessToken;
 use crate::token_cache::SharedStore;
@@ -149,24 +149,11 @@ impl HttpContext for Request {
             refuse(&Refusal::Internal("the filter is not configured".into()));
             return Action::Pause;
         };
-        let headers = self.get_http_request_headers();
-        let values = |name: &str| -> Vec<&str> {
-            headers
-                .iter()
-                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
-                .collect()
-        };
-        let view = RequestView {
-            xfcc: values("x-forwarded-client-cert"),
-            authorization: values("authorization"),
-            forwarded_host: values("x-forwarded-host"),
-            method: values(":method").first().copied().unwrap_or_default(),
-            path: values(":path").first().copied().unwrap_or_default(),
-        };
+        // Bytes, not strings: the SDK's string API traps on a non-UTF-8 value.
+        let headers = self.get_http_request_headers_bytes();
         let now = now_ms();
-        let (audit, decided) = decision::decide(
-            &view,
+        let (audit, decided) = decision::decide_header_map(
+            &headers,
             &shared.config,
             now / 1000,
             &mut shared.verified.borrow_mut(),

@@ -8,11 +8,12 @@
 
 use der::asn1::{Ia5StringRef, PrintableStringRef, Utf8StringRef};
 use der::oid::ObjectIdentifier;
-use der::{Decode, DecodePem, Encode, Tag, Tagged};
+use der::{Decode, Encode, Tag, Tagged};
 use rsa::pkcs8::DecodePublicKey;
 use rsa::traits::PublicKeyParts;
 use sha2::{Digest, Sha256};
 use x509_cert::Certificate;
+use x509_cert::ext::pkix::{BasicConstraints, ExtendedKeyUsage};
 
 use crate::error::Refusal;
 
@@ -25,19 +26,58 @@ const OID_AZURE_IDENTITIES: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3
 const OID_RSA_ENCRYPTION: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
 const OID_EC_PUBLIC_KEY: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
 const OID_P256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.3.1.7");
+const OID_EXTENDED_KEY_USAGE: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.37");
+const OID_BASIC_CONSTRAINTS: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.19");
+const OID_CLIENT_AUTH: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.2");
 
 /// Smallest RSA modulus accepted for proof-of-possession signatures.
 const MIN_RSA_BITS: usize = 2048;
 /// Largest XFCC header accepted; a PEM certificate URL-encoded is a few KiB.
 pub const MAX_XFCC_BYTES: usize = 32 * 1024;
 
-/// The certificate's public key, which signs the caller's JWTs.
+/// The certificate's public key, which signs the caller's JWTs, ready for `jsonwebtoken`. The
+/// algorithm is fixed by the key, never taken from a token.
 #[derive(Clone, Debug)]
-pub enum PublicKey {
-    /// ECDSA P-256: JWTs must use ES256.
-    P256(p256::ecdsa::VerifyingKey),
-    /// RSA: JWTs must use RS256.
-    Rsa(rsa::RsaPublicKey),
+pub struct PublicKey {
+    algorithm: jsonwebtoken::Algorithm,
+    key: jsonwebtoken::DecodingKey,
+}
+
+impl PublicKey {
+    /// An ECDSA P-256 key: JWTs must use ES256.
+    pub fn p256(key: &p256::ecdsa::VerifyingKey) -> Self {
+        let point = key.to_encoded_point(false);
+        Self {
+            algorithm: jsonwebtoken::Algorithm::ES256,
+            key: jsonwebtoken::DecodingKey::from_ec_der(point.as_bytes()),
+        }
+    }
+
+    /// An RSA key of at least [`MIN_RSA_BITS`]: JWTs must use RS256.
+    pub fn rsa(key: &rsa::RsaPublicKey) -> Result<Self, Refusal> {
+        if key.size() * 8 < MIN_RSA_BITS {
+            return Err(Refusal::InvalidClientCertificate(format!(
+                "RSA keys must have at least {MIN_RSA_BITS} bits"
+            )));
+        }
+        Ok(Self {
+            algorithm: jsonwebtoken::Algorithm::RS256,
+            key: jsonwebtoken::DecodingKey::from_rsa_raw_components(
+                &key.n().to_bytes_be(),
+                &key.e().to_bytes_be(),
+            ),
+        })
+    }
+
+    /// The one JWS algorithm this key verifies.
+    pub fn algorithm(&self) -> jsonwebtoken::Algorithm {
+        self.algorithm
+    }
+
+    /// The key in `jsonwebtoken`'s form.
+    pub fn decoding_key(&self) -> &jsonwebtoken::DecodingKey {
+        &self.key
+    }
 }
 
 /// What the certificate says about the caller.
@@ -78,11 +118,29 @@ impl AppIdentity {
     }
 }
 
-/// Extracts the URL-decoded PEM of the `Cert` element from an XFCC header value.
+/// The keys Envoy writes in an XFCC element (`forward_client_cert_details`).
+const XFCC_KEYS: [&str; 7] = ["By", "Hash", "Cert", "Chain", "Subject", "URI", "DNS"];
+
+/// What the host's XFCC header says about the verified peer: the PEM of its certificate and, if
+/// the host sets it, the SHA-256 of its DER.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardedCertificate {
+    /// The URL-decoded PEM of `Cert=`.
+    pub pem: String,
+    /// `Hash=`, decoded from hex.
+    pub hash: Option<[u8; 32]>,
+}
+
+/// Reads the one element of an XFCC header value.
 ///
-/// The host sanitises XFCC and sets exactly one element for the verified peer, so a value with
-/// several elements (a forwarded chain of proxies) is refused rather than guessed at.
-pub fn cert_pem_from_xfcc(values: &[&str]) -> Result<String, Refusal> {
+/// The certificate's own text (Subject, URI and DNS SANs) is copied into XFCC by the host and
+/// can carry `;`, `,`, `=` and `"`, so a lenient reader can be made to see a second `Cert=`. The
+/// rules are therefore strict: exactly one header and one element, only the keys Envoy writes,
+/// each at most once, exactly one `Cert`, balanced quotes. `Hash` (which Envoy writes before any
+/// client-controlled text) binds the element to the certificate: see [`certificate_from_xfcc`].
+pub fn parse_xfcc(values: &[&str]) -> Result<ForwardedCertificate, Refusal> {
+    let invalid =
+        |why: &str| Refusal::InvalidClientCertificate(format!("x-forwarded-client-cert {why}"));
     let value = match values {
         [] => {
             return Err(Refusal::MissingClientCertificate(
@@ -90,52 +148,93 @@ pub fn cert_pem_from_xfcc(values: &[&str]) -> Result<String, Refusal> {
             ));
         }
         [one] => *one,
-        _ => {
-            return Err(Refusal::InvalidClientCertificate(
-                "more than one x-forwarded-client-cert header".into(),
-            ));
-        }
+        _ => return Err(invalid("is given more than once")),
     };
     if value.len() > MAX_XFCC_BYTES {
-        return Err(Refusal::InvalidClientCertificate(
-            "x-forwarded-client-cert is too large".into(),
-        ));
+        return Err(invalid("is too large"));
     }
-    let elements = split_unquoted(value, ',');
-    if elements.len() != 1 {
-        return Err(Refusal::InvalidClientCertificate(
-            "x-forwarded-client-cert must describe exactly one client".into(),
-        ));
-    }
-    let mut cert = None;
-    for pair in split_unquoted(elements[0], ';') {
+    let elements =
+        split_unquoted(value, ',').ok_or_else(|| invalid("has an unterminated quote"))?;
+    let [element] = elements.as_slice() else {
+        return Err(invalid("must describe exactly one client"));
+    };
+    let mut seen = [None::<&str>; XFCC_KEYS.len()];
+    for pair in split_unquoted(element, ';').ok_or_else(|| invalid("has an unterminated quote"))? {
         let Some((key, raw)) = pair.split_once('=') else {
-            continue;
+            return Err(invalid("has an element without '='"));
         };
-        if key.trim().eq_ignore_ascii_case("Cert") {
-            let raw = raw.trim();
-            let unquoted = raw
-                .strip_prefix('"')
-                .and_then(|r| r.strip_suffix('"'))
-                .unwrap_or(raw);
-            cert = Some(unquoted);
+        let Some(slot) = XFCC_KEYS
+            .iter()
+            .position(|k| k.eq_ignore_ascii_case(key.trim()))
+        else {
+            return Err(invalid("has an unknown key"));
+        };
+        if seen[slot].replace(raw.trim()).is_some() {
+            return Err(invalid(&format!(
+                "names {} more than once",
+                XFCC_KEYS[slot]
+            )));
         }
     }
-    let Some(encoded) = cert.filter(|c| !c.is_empty()) else {
+    let [_, hash, cert, ..] = seen;
+    let Some(cert) = cert.map(unquote).filter(|c| !c.is_empty()) else {
         return Err(Refusal::MissingClientCertificate(
             "x-forwarded-client-cert carries no certificate (Cert=)".into(),
         ));
     };
-    percent_encoding::percent_decode_str(encoded)
+    // URL-encoded PEM has no quotes or escapes; one here was not written by the host.
+    if cert.contains(['"', '\\']) {
+        return Err(invalid("has a malformed Cert value"));
+    }
+    let pem = percent_encoding::percent_decode_str(cert)
         .decode_utf8()
-        .map(|pem| pem.into_owned())
-        .map_err(|_| {
-            Refusal::InvalidClientCertificate("the forwarded certificate is not valid UTF-8".into())
-        })
+        .map_err(|_| invalid("carries a certificate that is not valid UTF-8"))?
+        .into_owned();
+    let hash = match hash.map(unquote) {
+        None => None,
+        Some(hex) => Some(decode_sha256_hex(hex).ok_or_else(|| invalid("has a malformed Hash"))?),
+    };
+    Ok(ForwardedCertificate { pem, hash })
 }
 
-/// Splits on `sep` outside double quotes (XFCC quotes values that contain `,` `;` or `=`).
-fn split_unquoted(value: &str, sep: char) -> Vec<&str> {
+/// The caller's identity from the XFCC header: the certificate parsed, its `Hash` (when set)
+/// checked against its DER.
+pub fn certificate_from_xfcc(values: &[&str]) -> Result<AppIdentity, Refusal> {
+    let forwarded = parse_xfcc(values)?;
+    let identity = parse_app_certificate(&forwarded.pem)?;
+    if forwarded
+        .hash
+        .is_some_and(|hash| hash != identity.fingerprint)
+    {
+        return Err(Refusal::InvalidClientCertificate(
+            "x-forwarded-client-cert: Hash does not match the certificate".into(),
+        ));
+    }
+    Ok(identity)
+}
+
+fn unquote(raw: &str) -> &str {
+    raw.strip_prefix('"')
+        .and_then(|r| r.strip_suffix('"'))
+        .unwrap_or(raw)
+}
+
+fn decode_sha256_hex(hex: &str) -> Option<[u8; 32]> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (byte, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        let digit = |c: u8| (c as char).to_digit(16);
+        *byte = u8::try_from(digit(pair[0])? * 16 + digit(pair[1])?).ok()?;
+    }
+    Some(out)
+}
+
+/// Splits on `sep` outside double quotes; `None` if a quote is left open. Inside quotes a
+/// backslash escapes the next character (XFCC's rule for quoted values).
+fn split_unquoted(value: &str, sep: char) -> Option<Vec<&str>> {
     let mut parts = Vec::new();
     let mut in_quotes = false;
     let mut escaped = false;
@@ -152,19 +251,24 @@ fn split_unquoted(value: &str, sep: char) -> Vec<&str> {
             _ => {}
         }
     }
+    if in_quotes {
+        return None;
+    }
     parts.push(&value[start..]);
-    parts
+    Some(parts)
 }
 
 /// Parses a PEM Teleport app certificate.
 pub fn parse_app_certificate(pem: &str) -> Result<AppIdentity, Refusal> {
-    let cert = Certificate::from_pem(pem.as_bytes()).map_err(|e| {
-        Refusal::InvalidClientCertificate(format!("the client certificate cannot be parsed ({e})"))
+    let (label, der) = der::pem::decode_vec(pem.as_bytes()).map_err(|e| {
+        Refusal::InvalidClientCertificate(format!("the client certificate is not PEM ({e})"))
     })?;
-    let der = cert.to_der().map_err(|e| {
-        Refusal::InvalidClientCertificate(format!("the client certificate cannot be encoded ({e})"))
-    })?;
-    identity_from_certificate(&cert, &der)
+    if label != "CERTIFICATE" {
+        return Err(Refusal::InvalidClientCertificate(
+            "the forwarded PEM is not a CERTIFICATE".into(),
+        ));
+    }
+    parse_app_certificate_der(&der)
 }
 
 /// Parses a DER Teleport app certificate.
@@ -172,7 +276,52 @@ pub fn parse_app_certificate_der(der: &[u8]) -> Result<AppIdentity, Refusal> {
     let cert = Certificate::from_der(der).map_err(|e| {
         Refusal::InvalidClientCertificate(format!("the client certificate cannot be parsed ({e})"))
     })?;
+    check_extensions(&cert)?;
     identity_from_certificate(&cert, der)
+}
+
+/// A client certificate must be an end-entity certificate issued for client authentication, as
+/// Teleport's are (EKU serverAuth + clientAuth, CA:FALSE). The TLS stacks of both hosts accept a
+/// certificate without EKU for either purpose, so a server certificate from the same CA would
+/// otherwise pass as a client certificate.
+fn check_extensions(cert: &Certificate) -> Result<(), Refusal> {
+    let invalid =
+        |why: &str| Refusal::InvalidClientCertificate(format!("the client certificate {why}"));
+    let extensions = cert
+        .tbs_certificate
+        .extensions
+        .as_deref()
+        .unwrap_or_default();
+    let mut client_auth = false;
+    for (i, extension) in extensions.iter().enumerate() {
+        if extensions[..i]
+            .iter()
+            .any(|e| e.extn_id == extension.extn_id)
+        {
+            return Err(invalid(&format!("repeats extension {}", extension.extn_id)));
+        }
+        match extension.extn_id {
+            OID_EXTENDED_KEY_USAGE => {
+                let usage = ExtendedKeyUsage::from_der(extension.extn_value.as_bytes())
+                    .map_err(|_| invalid("has an unreadable extended key usage"))?;
+                client_auth = usage.0.contains(&OID_CLIENT_AUTH);
+            }
+            OID_BASIC_CONSTRAINTS => {
+                let constraints = BasicConstraints::from_der(extension.extn_value.as_bytes())
+                    .map_err(|_| invalid("has unreadable basic constraints"))?;
+                if constraints.ca {
+                    return Err(invalid("is a CA certificate"));
+                }
+            }
+            _ => {}
+        }
+    }
+    if !client_auth {
+        return Err(invalid(
+            "is not issued for client authentication (no clientAuth extended key usage)",
+        ));
+    }
+    Ok(())
 }
 
 fn identity_from_certificate(cert: &Certificate, der: &[u8]) -> Result<AppIdentity, Refusal> {
@@ -199,7 +348,13 @@ fn identity_from_certificate(cert: &Certificate, der: &[u8]) -> Result<AppIdenti
                 ))
             })?;
             match attr.oid {
-                OID_COMMON_NAME => user = Some(value),
+                OID_COMMON_NAME => {
+                    if user.replace(value).is_some() {
+                        return Err(Refusal::InvalidClientCertificate(
+                            "the certificate names more than one user (CN)".into(),
+                        ));
+                    }
+                }
                 OID_ORGANIZATION => roles.push(value),
                 OID_AZURE_IDENTITY => {
                     if selected_identity.replace(value).is_some() {
@@ -253,12 +408,7 @@ fn public_key(spki: &x509_cert::spki::SubjectPublicKeyInfoOwned) -> Result<Publi
         let key = rsa::RsaPublicKey::from_public_key_der(&der).map_err(|e| {
             Refusal::InvalidClientCertificate(format!("unreadable RSA public key ({e})"))
         })?;
-        if key.size() * 8 < MIN_RSA_BITS {
-            return Err(Refusal::InvalidClientCertificate(format!(
-                "RSA keys must have at least {MIN_RSA_BITS} bits"
-            )));
-        }
-        return Ok(PublicKey::Rsa(key));
+        return PublicKey::rsa(&key);
     }
     let curve = spki
         .algorithm
@@ -269,7 +419,7 @@ fn public_key(spki: &x509_cert::spki::SubjectPublicKeyInfoOwned) -> Result<Publi
         let key = p256::ecdsa::VerifyingKey::from_public_key_der(&der).map_err(|e| {
             Refusal::InvalidClientCertificate(format!("unreadable P-256 public key ({e})"))
         })?;
-        return Ok(PublicKey::P256(key));
+        return Ok(PublicKey::p256(&key));
     }
     Err(Refusal::InvalidClientCertificate(
         "unsupported certificate key type: use ECDSA P-256 or RSA".into(),
@@ -282,40 +432,86 @@ mod tests {
 
     #[test]
     fn xfcc_cert_element_is_extracted_and_url_decoded() {
-        let xfcc = r#"By=spiffe://x;Hash=abc;Cert="-----BEGIN%20CERTIFICATE-----%0AAAA%0A-----END%20CERTIFICATE-----%0A";Subject="CN=alice,O=dev";URI=;DNS=a"#;
-        let pem = cert_pem_from_xfcc(&[xfcc]).unwrap();
+        let hash = "ab".repeat(32);
+        let xfcc = format!(
+            r#"By=spiffe://x;Hash={hash};Cert="-----BEGIN%20CERTIFICATE-----%0AAAA%0A-----END%20CERTIFICATE-----%0A";Subject="CN=alice,O=dev";URI=;DNS=a"#
+        );
+        let forwarded = parse_xfcc(&[&xfcc]).unwrap();
         assert_eq!(
-            pem,
+            forwarded.pem,
             "-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n"
         );
+        assert_eq!(forwarded.hash, Some([0xab; 32]));
     }
 
     #[test]
     fn xfcc_quoted_subject_with_commas_is_one_element() {
         let xfcc = r#"Subject="CN=a,O=b,O=c";Cert="x""#;
-        assert_eq!(cert_pem_from_xfcc(&[xfcc]).unwrap(), "x");
+        assert_eq!(parse_xfcc(&[xfcc]).unwrap().pem, "x");
     }
 
     #[test]
     fn xfcc_without_cert_or_header_is_missing_certificate() {
         assert_eq!(
-            cert_pem_from_xfcc(&[]).unwrap_err().code(),
+            parse_xfcc(&[]).unwrap_err().code(),
             "MissingClientCertificate"
         );
         assert_eq!(
-            cert_pem_from_xfcc(&["Hash=abc;Subject=\"CN=a\""])
+            parse_xfcc(&["Hash=abc;Subject=\"CN=a\""])
                 .unwrap_err()
                 .code(),
+            "MissingClientCertificate"
+        );
+        assert_eq!(
+            parse_xfcc(&["Subject=\"CN=a\""]).unwrap_err().code(),
             "MissingClientCertificate"
         );
     }
 
     #[test]
     fn xfcc_with_several_clients_is_refused() {
-        let err = cert_pem_from_xfcc(&["Cert=\"a\",Cert=\"b\""]).unwrap_err();
+        let err = parse_xfcc(&["Cert=\"a\",Cert=\"b\""]).unwrap_err();
         assert_eq!(err.code(), "InvalidClientCertificate");
-        let err = cert_pem_from_xfcc(&["Cert=a", "Cert=b"]).unwrap_err();
+        let err = parse_xfcc(&["Cert=a", "Cert=b"]).unwrap_err();
         assert_eq!(err.code(), "InvalidClientCertificate");
+    }
+
+    #[test]
+    fn xfcc_injected_through_certificate_text_is_refused() {
+        for xfcc in [
+            // A DNS SAN carrying a second Cert (the forgery), in either position.
+            r#"Hash=00;Cert="real";DNS=x;Cert="forged""#,
+            r#"Cert="real";Subject="CN=x";URI=;DNS=x;Cert="forged""#,
+            // Repeated keys of any kind, unknown keys, bare words.
+            r#"Cert="a";DNS=x;DNS=y"#,
+            r#"Cert="a";Hash=1;Hash=2"#,
+            r#"Cert="a";Evil=1"#,
+            r#"Cert="a";justaword"#,
+            // A quote left open by certificate text.
+            r#"Cert="a";Subject="CN=x"#,
+            // Quotes or escapes inside the URL-encoded certificate.
+            r#"Cert="a\"b""#,
+        ] {
+            assert_eq!(
+                parse_xfcc(&[xfcc]).unwrap_err().code(),
+                "InvalidClientCertificate",
+                "{xfcc}"
+            );
+        }
+    }
+
+    #[test]
+    fn xfcc_hash_must_be_sha256_hex() {
+        for hash in ["", "abc", &"zz".repeat(32), &"a".repeat(65)] {
+            let xfcc = format!("Hash={hash};Cert=\"x\"");
+            assert_eq!(
+                parse_xfcc(&[&xfcc]).unwrap_err().code(),
+                "InvalidClientCertificate",
+                "{hash}"
+            );
+        }
+        let upper = format!("Hash={};Cert=\"x\"", "AB".repeat(32));
+        assert_eq!(parse_xfcc(&[&upper]).unwrap().hash, Some([0xab; 32]));
     }
 
     #[test]
@@ -328,5 +524,109 @@ mod tests {
             parse_app_certificate("").unwrap_err().code(),
             "InvalidClientCertificate"
         );
+        let key = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+        assert_eq!(
+            parse_app_certificate(key).unwrap_err().code(),
+            "InvalidClientCertificate"
+        );
+    }
+
+    mod certificates {
+        use std::str::FromStr;
+        use std::time::Duration;
+
+        use der::EncodePem;
+        use p256::pkcs8::EncodePublicKey;
+        use x509_cert::builder::{Builder, CertificateBuilder, Profile};
+        use x509_cert::ext::pkix::ExtendedKeyUsage;
+        use x509_cert::name::Name;
+        use x509_cert::serial_number::SerialNumber;
+        use x509_cert::spki::SubjectPublicKeyInfoOwned;
+        use x509_cert::time::Validity;
+
+        use super::super::*;
+
+        const SERVER_AUTH: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.1");
+
+        /// A certificate for CN=alice, signed by a fixed key, with `usages` as its EKU
+        /// extensions (one extension per list; none for an empty slice).
+        fn certificate(profile: Profile, usages: &[&[ObjectIdentifier]]) -> String {
+            let key = p256::ecdsa::SigningKey::from_slice(&[5u8; 32]).unwrap();
+            let spki = SubjectPublicKeyInfoOwned::from_der(
+                key.verifying_key().to_public_key_der().unwrap().as_bytes(),
+            )
+            .unwrap();
+            let mut builder = CertificateBuilder::new(
+                profile,
+                SerialNumber::from(7u32),
+                Validity::from_now(Duration::from_secs(600)).unwrap(),
+                Name::from_str("CN=alice,O=dev").unwrap(),
+                spki,
+                &key,
+            )
+            .unwrap();
+            for usage in usages {
+                builder
+                    .add_extension(&ExtendedKeyUsage(usage.to_vec()))
+                    .unwrap();
+            }
+            let cert = builder.build::<p256::ecdsa::DerSignature>().unwrap();
+            cert.to_pem(der::pem::LineEnding::LF).unwrap()
+        }
+
+        fn leaf() -> Profile {
+            Profile::Leaf {
+                issuer: Name::from_str("CN=alice,O=dev").unwrap(),
+                enable_key_agreement: false,
+                enable_key_encipherment: true,
+            }
+        }
+
+        fn xfcc(pem: &str, hash: Option<String>) -> String {
+            let encoded =
+                percent_encoding::utf8_percent_encode(pem, percent_encoding::NON_ALPHANUMERIC);
+            match hash {
+                Some(hash) => format!("Hash={hash};Cert=\"{encoded}\""),
+                None => format!("Cert=\"{encoded}\""),
+            }
+        }
+
+        fn hex(bytes: &[u8]) -> String {
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        }
+
+        #[test]
+        fn a_client_certificate_needs_the_client_auth_usage() {
+            let good = certificate(leaf(), &[&[SERVER_AUTH, OID_CLIENT_AUTH]]);
+            assert_eq!(parse_app_certificate(&good).unwrap().user, "alice");
+            for (pem, why) in [
+                (certificate(leaf(), &[]), "no EKU"),
+                (certificate(leaf(), &[&[SERVER_AUTH]]), "server only"),
+                (
+                    certificate(leaf(), &[&[OID_CLIENT_AUTH], &[OID_CLIENT_AUTH]]),
+                    "repeated extension",
+                ),
+                (certificate(Profile::Root, &[&[OID_CLIENT_AUTH]]), "a CA"),
+            ] {
+                let err = parse_app_certificate(&pem).unwrap_err();
+                assert_eq!(err.code(), "InvalidClientCertificate", "{why}");
+            }
+        }
+
+        #[test]
+        fn the_xfcc_hash_binds_the_certificate() {
+            let pem = certificate(leaf(), &[&[OID_CLIENT_AUTH]]);
+            let fingerprint = parse_app_certificate(&pem).unwrap().fingerprint;
+            let good = xfcc(&pem, Some(hex(&fingerprint)));
+            assert!(certificate_from_xfcc(&[&good]).is_ok());
+            assert!(certificate_from_xfcc(&[&xfcc(&pem, None)]).is_ok());
+            let mut other = fingerprint;
+            other[0] ^= 1;
+            let forged = xfcc(&pem, Some(hex(&other)));
+            assert_eq!(
+                certificate_from_xfcc(&[&forged]).unwrap_err().message(),
+                "x-forwarded-client-cert: Hash does not match the certificate"
+            );
+        }
     }
 }

@@ -8,7 +8,6 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 use crate::error::Refusal;
 use crate::identity::PublicKey;
@@ -49,21 +48,6 @@ impl Claims {
     }
 }
 
-#[derive(Deserialize)]
-struct Header {
-    alg: String,
-    #[serde(default)]
-    crit: Option<serde_json::Value>,
-}
-
-#[derive(Deserialize)]
-struct RawClaims {
-    resource: Option<serde_json::Value>,
-    tid: Option<serde_json::Value>,
-    exp: Option<serde_json::Value>,
-    nbf: Option<serde_json::Value>,
-}
-
 /// Extracts the token from an `Authorization` header value.
 pub fn bearer_token(authorization: &str, max_bytes: usize) -> Result<&str, Refusal> {
     let (scheme, token) = authorization.trim().split_once(' ').ok_or_else(|| {
@@ -94,8 +78,17 @@ pub fn bearer_token(authorization: &str, max_bytes: usize) -> Result<&str, Refus
     Ok(token)
 }
 
+/// Header parameters that name or carry a key, or change how the token is processed. The key is
+/// the client certificate's and nothing else, so a token that points elsewhere is not from tsh.
+const REFUSED_HEADER_PARAMETERS: [&str; 5] = ["crit", "jku", "jwk", "x5u", "x5c"];
+
 /// Verifies `token` against `key` and returns its claims. Time claims are not checked here (see
 /// [`Claims::check_time`]), so a verification can be cached and re-checked on reuse.
+///
+/// The signature is `jsonwebtoken`'s, with the algorithm pinned to the key. The JSON is read
+/// here, strictly, because serde reads a struct from a JSON array as readily as from an object
+/// and keeps the last of duplicate keys: header and payload must be objects without duplicate
+/// keys, `typ` (if present) `JWT`, and none of [`REFUSED_HEADER_PARAMETERS`].
 pub fn verify(token: &str, key: &PublicKey) -> Result<Claims, Refusal> {
     let invalid = |why: &str| Refusal::InvalidToken(format!("the bearer token {why}"));
     let mut parts = token.split('.');
@@ -104,72 +97,153 @@ pub fn verify(token: &str, key: &PublicKey) -> Result<Claims, Refusal> {
     else {
         return Err(invalid("is not a compact JWS (header.payload.signature)"));
     };
-    let header: Header =
-        decode_json(header_b64).ok_or_else(|| invalid("has an unreadable header"))?;
-    if header.crit.is_some() {
-        return Err(invalid(
-            "uses critical header extensions azgate does not understand",
-        ));
+    let header = decode_object(header_b64).ok_or_else(|| invalid("has an unreadable header"))?;
+    if let Some(name) = REFUSED_HEADER_PARAMETERS
+        .iter()
+        .find(|name| header.contains_key(**name))
+    {
+        return Err(invalid(&format!(
+            "uses header parameter {name:?}, which azgate does not accept"
+        )));
     }
-    let signature = URL_SAFE_NO_PAD
-        .decode(signature_b64)
-        .map_err(|_| invalid("has an unreadable signature"))?;
+    match header.get("typ") {
+        None => {}
+        Some(serde_json::Value::String(typ)) if typ == "JWT" => {}
+        Some(_) => return Err(invalid("has a \"typ\" other than \"JWT\"")),
+    }
+    let expected = key.algorithm();
+    let alg = match header.get("alg") {
+        Some(serde_json::Value::String(alg)) => alg.as_str(),
+        _ => return Err(invalid("has no \"alg\"")),
+    };
+    if alg != algorithm_name(expected) {
+        return Err(invalid(&format!(
+            "uses algorithm {:?}; the certificate's key requires {}",
+            crate::endpoint::printable(alg),
+            algorithm_name(expected)
+        )));
+    }
     let signed = &token[..header_b64.len() + 1 + payload_b64.len()];
-    match (key, header.alg.as_str()) {
-        (PublicKey::P256(key), "ES256") => {
-            use p256::ecdsa::signature::Verifier;
-            let sig = p256::ecdsa::Signature::from_slice(&signature)
-                .map_err(|_| invalid("has a malformed ES256 signature"))?;
-            key.verify(signed.as_bytes(), &sig)
-                .map_err(|_| invalid("signature does not match the client certificate"))?;
-        }
-        (PublicKey::Rsa(key), "RS256") => {
-            let digest = Sha256::digest(signed.as_bytes());
-            key.verify(rsa::Pkcs1v15Sign::new::<Sha256>(), &digest, &signature)
-                .map_err(|_| invalid("signature does not match the client certificate"))?;
-        }
-        (PublicKey::P256(_), alg) => {
-            return Err(invalid(&format!(
-                "uses algorithm {:?}; the certificate's P-256 key requires ES256",
-                crate::endpoint::printable(alg)
-            )));
-        }
-        (PublicKey::Rsa(_), alg) => {
-            return Err(invalid(&format!(
-                "uses algorithm {:?}; the certificate's RSA key requires RS256",
-                crate::endpoint::printable(alg)
-            )));
-        }
+    let valid = jsonwebtoken::crypto::verify(
+        signature_b64,
+        signed.as_bytes(),
+        key.decoding_key(),
+        expected,
+    )
+    .map_err(|_| invalid("has a malformed signature"))?;
+    if !valid {
+        return Err(invalid("signature does not match the client certificate"));
     }
-    let raw: RawClaims =
-        decode_json(payload_b64).ok_or_else(|| invalid("has an unreadable payload"))?;
-    let resource = match raw.resource {
-        Some(serde_json::Value::String(r)) if !r.is_empty() => r,
+    let payload = decode_object(payload_b64).ok_or_else(|| invalid("has an unreadable payload"))?;
+    let resource = match payload.get("resource") {
+        Some(serde_json::Value::String(r)) if !r.is_empty() => r.clone(),
         _ => return Err(invalid("has no \"resource\" claim")),
     };
-    let tid = match raw.tid {
+    let tid = match payload.get("tid") {
         None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::String(t)) => Some(t),
+        Some(serde_json::Value::String(t)) => Some(t.clone()),
         Some(_) => return Err(invalid("has a non-string \"tid\" claim")),
     };
     Ok(Claims {
         resource,
         tid,
-        exp: numeric_date(raw.exp).map_err(|_| invalid("has a non-numeric \"exp\""))?,
-        nbf: numeric_date(raw.nbf).map_err(|_| invalid("has a non-numeric \"nbf\""))?,
+        exp: numeric_date(payload.get("exp")).map_err(|_| invalid("has a non-numeric \"exp\""))?,
+        nbf: numeric_date(payload.get("nbf")).map_err(|_| invalid("has a non-numeric \"nbf\""))?,
     })
 }
 
-fn decode_json<T: for<'de> Deserialize<'de>>(b64: &str) -> Option<T> {
-    let bytes = URL_SAFE_NO_PAD.decode(b64).ok()?;
-    serde_json::from_slice(&bytes).ok()
+/// The JWS name of the algorithms azgate verifies.
+fn algorithm_name(algorithm: jsonwebtoken::Algorithm) -> &'static str {
+    match algorithm {
+        jsonwebtoken::Algorithm::ES256 => "ES256",
+        jsonwebtoken::Algorithm::RS256 => "RS256",
+        // PublicKey builds only the two above.
+        _ => "an unsupported algorithm",
+    }
 }
 
-fn numeric_date(value: Option<serde_json::Value>) -> Result<Option<f64>, ()> {
+/// A base64url (unpadded, canonical) JSON object without duplicate keys at any depth.
+fn decode_object(b64: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let bytes = URL_SAFE_NO_PAD.decode(b64).ok()?;
+    match serde_json::from_slice::<StrictJson>(&bytes).ok()?.0 {
+        serde_json::Value::Object(object) => Some(object),
+        _ => None,
+    }
+}
+
+fn numeric_date(value: Option<&serde_json::Value>) -> Result<Option<f64>, ()> {
     match value {
         None | Some(serde_json::Value::Null) => Ok(None),
-        Some(serde_json::Value::Number(n)) => n.as_f64().map(Some).ok_or(()),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_f64().filter(|f| f.is_finite()).map(Some).ok_or(())
+        }
         Some(_) => Err(()),
+    }
+}
+
+/// A JSON value read by a visitor that refuses duplicate object keys (serde_json keeps the last).
+struct StrictJson(serde_json::Value);
+
+impl<'de> Deserialize<'de> for StrictJson {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StrictVisitor).map(StrictJson)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JSON without duplicate keys")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(StrictJson(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(items.into())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let StrictJson(value) = map.next_value()?;
+            if object.insert(key, value).is_some() {
+                return Err(serde::de::Error::custom("duplicate key"));
+            }
+        }
+        Ok(object.into())
     }
 }
 
@@ -215,7 +289,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn public(key: &SigningKey) -> PublicKey {
-        PublicKey::P256(*key.verifying_key())
+        PublicKey::p256(key.verifying_key())
     }
 
     #[test]
@@ -229,6 +303,73 @@ pub(crate) mod tests {
         let claims = verify(&token, &public(&k)).unwrap();
         assert_eq!(claims.resource, "https://management.azure.com/");
         assert_eq!(claims.tid.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn high_s_signatures_verify_as_gos_ecdsa_makes_them() {
+        // Go's crypto/ecdsa (tsh) does not normalise S, so half of real tokens are high-S.
+        let k = key();
+        let token = es256(
+            &k,
+            serde_json::json!({"alg":"ES256","typ":"JWT"}),
+            serde_json::json!({"resource":"r"}),
+        );
+        let (signed, signature) = token.rsplit_once('.').unwrap();
+        let sig = p256::ecdsa::Signature::from_slice(&URL_SAFE_NO_PAD.decode(signature).unwrap())
+            .unwrap();
+        let (r, s) = sig.split_scalars();
+        let flipped = p256::ecdsa::Signature::from_scalars(r, -*s).unwrap();
+        assert!(flipped.normalize_s().is_some() || sig.normalize_s().is_some());
+        let other = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(flipped.to_bytes()));
+        assert_eq!(verify(&other, &public(&k)).unwrap().resource, "r");
+        assert_eq!(verify(&token, &public(&k)).unwrap().resource, "r");
+    }
+
+    #[test]
+    fn header_and_payload_must_be_strict_json_objects() {
+        let k = key();
+        let sign = |header: &str, payload: &str| {
+            let signed = format!(
+                "{}.{}",
+                URL_SAFE_NO_PAD.encode(header),
+                URL_SAFE_NO_PAD.encode(payload)
+            );
+            let sig: p256::ecdsa::Signature = k.sign(signed.as_bytes());
+            format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
+        };
+        let good = r#"{"resource":"r"}"#;
+        assert!(verify(&sign(r#"{"alg":"ES256"}"#, good), &public(&k)).is_ok());
+        for (header, payload) in [
+            (r#"["ES256"]"#, good),
+            (r#"{"alg":"ES256","alg":"ES256"}"#, good),
+            (r#"{"alg":"ES256","typ":"JWS"}"#, good),
+            (r#"{"alg":"ES256","typ":5}"#, good),
+            (r#"{"alg":"ES256","crit":["exp"]}"#, good),
+            (r#"{"alg":"ES256","jku":"https://evil"}"#, good),
+            (r#"{"alg":"ES256","jwk":{}}"#, good),
+            (r#"{"alg":"ES256","x5u":"https://evil"}"#, good),
+            (r#"{"alg":"ES256","x5c":[]}"#, good),
+            (r#"{"alg":"ES256"}"#, r#"["r"]"#),
+            (r#"{"alg":"ES256"}"#, r#""r""#),
+            (r#"{"alg":"ES256"}"#, r#"{"resource":"a","resource":"b"}"#),
+            (
+                r#"{"alg":"ES256"}"#,
+                r#"{"resource":"a","x":{"k":1,"k":2}}"#,
+            ),
+            (r#"{"alg":"ES256"}"#, r#"{"resource":"a","exp":1e400}"#),
+            (r#"{"alg":"ES256"}"#, r#"{"resource":"a","exp":"1"}"#),
+            (r#"{"alg":"ES256"}"#, r#"{"resource":"a"} trailing"#),
+        ] {
+            let err = verify(&sign(header, payload), &public(&k)).unwrap_err();
+            assert_eq!(err.code(), "InvalidToken", "{header} {payload}");
+        }
+        assert!(
+            verify(
+                &sign(r#"{"alg":"ES256","kid":"k","typ":"JWT"}"#, good),
+                &public(&k)
+            )
+            .is_ok()
+        );
     }
 
     #[test]

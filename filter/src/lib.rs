@@ -14,6 +14,7 @@ pub mod config;
 pub mod decision;
 pub mod endpoint;
 pub mod error;
+pub mod headers;
 pub mod identity;
 pub mod imds;
 pub mod jwt;

@@ -1,0 +1,152 @@
+//! The request headers the decision reads, taken from the host's header map as bytes.
+//!
+//! HTTP lets a header value carry any byte but CR, LF and NUL (obs-text), so the filter reads the
+//! map through the SDK's bytes API: its string API unwraps `String::from_utf8` and one non-UTF-8
+//! byte in any header would trap the VM. (The bytes API still decodes header *names* as UTF-8;
+//! both hosts' HTTP codecs accept only token characters in names, which the hostile corpus
+//! checks.) A header the filter reads must be UTF-8 without control characters, else the request
+//! is refused with `InvalidHeader`; headers it does not read pass through untouched.
+//!
+//! An empty value counts as absent. Envoy merges repeated headers it keeps inline
+//! (`x-forwarded-host`, `authorization`) into one comma-joined value and drops empty ones while
+//! doing so, so treating empty values as absent is the only rule both hosts can apply alike;
+//! non-empty repeats stay refused (in Envoy they arrive comma-joined, and a comma is refused).
+
+use crate::decision::RequestView;
+use crate::endpoint::printable;
+use crate::error::Refusal;
+
+/// The headers the decision reads, each validated before use.
+const READ: [&str; 6] = [
+    "x-forwarded-client-cert",
+    "authorization",
+    "x-forwarded-host",
+    ":method",
+    ":path",
+    ":authority",
+];
+
+/// Builds the decision's view of a request from the host's header pairs.
+pub fn read(pairs: &[(String, Vec<u8>)]) -> Result<RequestView<'_>, Refusal> {
+    let mut view = RequestView::default();
+    for (name, value) in pairs {
+        let Some(known) = READ.iter().find(|n| name.eq_ignore_ascii_case(n)) else {
+            continue;
+        };
+        let value = text(known, value)?;
+        if value.trim_matches([' ', '\t']).is_empty() {
+            continue;
+        }
+        match *known {
+            "x-forwarded-client-cert" => view.xfcc.push(value),
+            "authorization" => view.authorization.push(value),
+            "x-forwarded-host" => view.forwarded_host.push(value),
+            ":method" if view.method.is_empty() => view.method = value,
+            ":path" if view.path.is_empty() => view.path = value,
+            _ => {}
+        }
+    }
+    Ok(view)
+}
+
+/// The printable method and path of a request whose headers could not be read, for its audit
+/// line.
+pub fn audit_method_and_path(pairs: &[(String, Vec<u8>)]) -> (String, String) {
+    let lossy = |wanted: &str| {
+        pairs
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(wanted))
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default()
+    };
+    let path = lossy(":path");
+    (
+        printable(&lossy(":method")),
+        printable(path.split('?').next().unwrap_or_default()),
+    )
+}
+
+/// The value as text, or `InvalidHeader` naming the header (never its value: it may be a token).
+fn text<'a>(name: &str, value: &'a [u8]) -> Result<&'a str, Refusal> {
+    let value = std::str::from_utf8(value)
+        .map_err(|_| Refusal::InvalidHeader(format!("the {name} header is not valid UTF-8")))?;
+    if value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err(Refusal::InvalidHeader(format!(
+            "the {name} header contains control characters"
+        )));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(list: &[(&str, &[u8])]) -> Vec<(String, Vec<u8>)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn read_headers_are_collected_with_every_value() {
+        let map = pairs(&[
+            (":method", b"GET"),
+            (":path", b"/x?y"),
+            ("x-forwarded-host", b"management.azure.com"),
+            ("Authorization", b"Bearer a"),
+            ("authorization", b"Bearer b"),
+            ("x-forwarded-client-cert", b"Cert=x"),
+        ]);
+        let view = read(&map).unwrap();
+        assert_eq!(view.method, "GET");
+        assert_eq!(view.path, "/x?y");
+        assert_eq!(view.forwarded_host, ["management.azure.com"]);
+        assert_eq!(view.authorization, ["Bearer a", "Bearer b"]);
+        assert_eq!(view.xfcc, ["Cert=x"]);
+    }
+
+    #[test]
+    fn non_utf8_or_control_bytes_in_a_read_header_are_refused_without_echoing_it() {
+        for (name, value) in [
+            ("authorization", &b"Bearer \xff"[..]),
+            ("x-forwarded-host", b"management.azure.com\x01"),
+            ("x-forwarded-client-cert", b"Cert=\x7f"),
+            (":path", b"/\xc3("),
+        ] {
+            let err = read(&pairs(&[(name, value)])).unwrap_err();
+            assert_eq!(err.code(), "InvalidHeader", "{name}");
+            assert_eq!(err.status(), 400);
+            assert!(err.message().contains(name));
+            assert!(!err.message().contains("Bearer"));
+        }
+        // A tab is allowed (HTTP's whitespace).
+        assert!(read(&pairs(&[("authorization", b"Bearer\ta")])).is_ok());
+    }
+
+    #[test]
+    fn bad_bytes_in_headers_the_filter_does_not_read_are_ignored() {
+        let map = pairs(&[("user-agent", b"\xff\x00\x01"), (":method", b"GET")]);
+        assert_eq!(read(&map).unwrap().method, "GET");
+    }
+
+    #[test]
+    fn empty_values_count_as_absent_as_envoy_merges_them() {
+        let map = pairs(&[
+            ("x-forwarded-host", b"management.azure.com"),
+            ("x-forwarded-host", b""),
+            ("authorization", b" "),
+        ]);
+        let view = read(&map).unwrap();
+        assert_eq!(view.forwarded_host, ["management.azure.com"]);
+        assert!(view.authorization.is_empty());
+    }
+
+    #[test]
+    fn audit_fields_of_an_unreadable_request_are_printable() {
+        let map = pairs(&[(":method", b"G\xffT"), (":path", b"/a\x01b?secret")]);
+        let (method, path) = audit_method_and_path(&map);
+        assert!(method.is_ascii());
+        assert_eq!(path, "/a?b");
+    }
+}
