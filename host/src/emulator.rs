@@ -25,17 +25,30 @@
 //!
 //! [`Emulator::set_fault`] sets the behaviour of every later token request (all three token
 //! endpoints); [`Emulator::push_faults`] queues one-shot faults that the next requests take in
-//! order before the standing fault applies again. The admin API does the same over HTTP, for
-//! `azgate imds-emulator`:
+//! order before the standing fault applies again; [`Emulator::schedule_faults`] sets faults by
+//! time ("410 for the next 60 s, then recover"). A token request takes the first queued
+//! one-shot fault, else the schedule's current step, else the standing fault. A request that
+//! hangs keeps hanging after its step ends, as a real stuck connection would: its client has to
+//! give up. The admin API does the same over HTTP, for `azgate imds-emulator`:
 //!
 //! ```text
 //! curl -X POST http://ADDR/emulator/fault -d '{"fault":"status","status":429,"retry_after":7}'
 //! curl -X POST http://ADDR/emulator/fault -d '{"fault":"none"}'
 //! curl -X POST http://ADDR/emulator/faults -d '[{"fault":"status","status":500},{"fault":"hang"}]'
+//! curl -X POST http://ADDR/emulator/schedule -d '[{"for_ms":60000,"fault":{"fault":"status","status":410}}]'
 //! curl -X POST http://ADDR/emulator/token-lifetime -d '{"seconds":600}'
-//! curl http://ADDR/emulator/stats      # {"token_requests":3}
+//! curl http://ADDR/emulator/stats      # {"token_requests":3,"in_flight":0,"peak_in_flight":1,"peak_per_second":2,…}
 //! curl http://ADDR/emulator/requests   # every request received, in order
 //! ```
+//!
+//! # Traffic
+//!
+//! For rate-limit checks the emulator keeps the arrival time of every token request (the
+//! newest 100 000, [`Emulator::token_request_times`]), the most that arrived within any window
+//! ([`Emulator::peak_token_requests`], [`busiest_window`]) and how many token requests it was
+//! answering at once ([`Emulator::in_flight_token_requests`],
+//! [`Emulator::peak_in_flight_token_requests`]; a request stops counting when it is answered or
+//! its client goes away).
 //!
 //! Fault JSON: `{"fault":"none"}`, `{"fault":"status","status":N[,"retry_after":S]}`,
 //! `{"fault":"hang"}`, `{"fault":"slow","millis":N}`, `{"fault":"malformed_json"}`,
@@ -50,7 +63,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -124,6 +137,8 @@ const IMDS_API_VERSIONS: &[&str] = &[
 ];
 /// A long-running `azgate imds-emulator` must not grow without bound.
 const MAX_RECORDED_REQUESTS: usize = 10_000;
+/// Token-request arrival times kept (8 bytes each), enough for hours of a rate-limited client.
+const MAX_RECORDED_ARRIVALS: usize = 100_000;
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(86_400);
 /// `Retry-After` sent with `Fault::Status(429)`: MSAL's default throttle window.
 const DEFAULT_RETRY_AFTER_SECONDS: u64 = 5;
@@ -203,6 +218,8 @@ pub struct Emulator {
 struct State {
     token_requests: AtomicU64,
     issued_tokens: AtomicU64,
+    in_flight: AtomicUsize,
+    peak_in_flight: AtomicUsize,
     control: Mutex<Control>,
     stop: watch::Receiver<bool>,
 }
@@ -211,9 +228,68 @@ struct State {
 struct Control {
     fault: Fault,
     queued_faults: VecDeque<Fault>,
+    /// Timed faults, each with the instant it ends; the front one applies until then.
+    schedule: VecDeque<(tokio::time::Instant, Fault)>,
     token_lifetime: Duration,
     identity_header: String,
     requests: VecDeque<RecordedRequest>,
+    token_arrivals: VecDeque<tokio::time::Instant>,
+}
+
+impl Control {
+    /// The fault for the next token request: a queued one-shot fault, else the current
+    /// scheduled step (dropping steps that have ended), else the standing fault.
+    fn next_fault(&mut self, now: tokio::time::Instant) -> Fault {
+        if let Some(fault) = self.queued_faults.pop_front() {
+            return fault;
+        }
+        while self
+            .schedule
+            .front()
+            .is_some_and(|(until, _)| *until <= now)
+        {
+            self.schedule.pop_front();
+        }
+        match self.schedule.front() {
+            Some((_, fault)) => fault.clone(),
+            None => self.fault.clone(),
+        }
+    }
+}
+
+/// Counts a token request as in flight until it is dropped: answered, or abandoned because
+/// its client went away (the server drops the handler with the connection).
+struct InFlight<'a>(&'a State);
+
+impl<'a> InFlight<'a> {
+    fn enter(state: &'a State) -> InFlight<'a> {
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.peak_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The most of `times` (in any order) that fall within one `window`: the largest number of
+/// arrivals whose latest is less than `window` after their earliest. With a rate limit of
+/// `n` starts per `window`, a compliant client never exceeds `n`.
+pub fn busiest_window(times: &[tokio::time::Instant], window: Duration) -> usize {
+    let mut sorted = times.to_vec();
+    sorted.sort_unstable();
+    let mut busiest = 0;
+    let mut first = 0;
+    for (last, at) in sorted.iter().enumerate() {
+        while at.duration_since(sorted[first]) >= window {
+            first += 1;
+        }
+        busiest = busiest.max(last - first + 1);
+    }
+    busiest
 }
 
 /// Which endpoint a token request came in on; it decides the request checks and the response
@@ -262,12 +338,16 @@ impl Emulator {
             state: Arc::new(State {
                 token_requests: AtomicU64::new(0),
                 issued_tokens: AtomicU64::new(0),
+                in_flight: AtomicUsize::new(0),
+                peak_in_flight: AtomicUsize::new(0),
                 control: Mutex::new(Control {
                     fault: Fault::None,
                     queued_faults: VecDeque::new(),
+                    schedule: VecDeque::new(),
                     token_lifetime: DEFAULT_TOKEN_LIFETIME,
                     identity_header: DEFAULT_IDENTITY_HEADER.to_owned(),
                     requests: VecDeque::new(),
+                    token_arrivals: VecDeque::new(),
                 }),
                 stop: stop_receiver,
             }),
@@ -324,6 +404,49 @@ impl Emulator {
         self.state.control().queued_faults.extend(faults);
     }
 
+    /// Faults by time: each `(duration, fault)` step applies for its duration, the first from
+    /// now, the next when it ends; after the last the standing fault ([`Emulator::set_fault`])
+    /// applies again. Replaces a schedule in progress; an empty one cancels it. Queued one-shot
+    /// faults still come first. Returns when the schedule ends (tokio's clock).
+    pub fn schedule_faults(
+        &self,
+        steps: impl IntoIterator<Item = (Duration, Fault)>,
+    ) -> tokio::time::Instant {
+        self.state.set_schedule(steps)
+    }
+
+    /// Arrival times of token requests (any token path, any outcome), oldest first; the
+    /// newest 100 000 are kept.
+    pub fn token_request_times(&self) -> Vec<tokio::time::Instant> {
+        self.state
+            .control()
+            .token_arrivals
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// The most token requests that arrived within any `window` (see [`busiest_window`]).
+    pub fn peak_token_requests(&self, window: Duration) -> usize {
+        busiest_window(&self.token_request_times(), window)
+    }
+
+    /// Token requests being answered now (hanging and slow ones included).
+    pub fn in_flight_token_requests(&self) -> usize {
+        self.state.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The most token requests answered at once since start (or since
+    /// [`Emulator::reset_traffic`]).
+    pub fn peak_in_flight_token_requests(&self) -> usize {
+        self.state.peak_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Forgets the recorded arrival times and restarts the in-flight peak from now.
+    pub fn reset_traffic(&self) {
+        self.state.reset_traffic();
+    }
+
     /// Lifetime of issued tokens (default 24 h: `expires_in` ≈ 86399).
     pub fn set_token_lifetime(&self, lifetime: Duration) {
         self.state.control().token_lifetime = lifetime;
@@ -369,6 +492,28 @@ impl State {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    fn set_schedule(
+        &self,
+        steps: impl IntoIterator<Item = (Duration, Fault)>,
+    ) -> tokio::time::Instant {
+        let mut end = tokio::time::Instant::now();
+        let schedule = steps
+            .into_iter()
+            .map(|(duration, fault)| {
+                end += duration;
+                (end, fault)
+            })
+            .collect();
+        self.control().schedule = schedule;
+        end
+    }
+
+    fn reset_traffic(&self) {
+        self.control().token_arrivals.clear();
+        self.peak_in_flight
+            .store(self.in_flight.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
     async fn handle(&self, request: Request<Bytes>) -> Response<Bytes> {
         let path = request.uri().path().to_owned();
         if let Some(admin) = path.strip_prefix("/emulator/") {
@@ -387,13 +532,16 @@ impl State {
             return imds_error(StatusCode::NOT_FOUND, "not_found", "Path not found");
         };
         self.token_requests.fetch_add(1, Ordering::SeqCst);
+        let _in_flight = InFlight::enter(self);
 
         let fault = {
+            let now = tokio::time::Instant::now();
             let mut control = self.control();
-            control
-                .queued_faults
-                .pop_front()
-                .unwrap_or_else(|| control.fault.clone())
+            if control.token_arrivals.len() >= MAX_RECORDED_ARRIVALS {
+                control.token_arrivals.pop_front();
+            }
+            control.token_arrivals.push_back(now);
+            control.next_fault(now)
         };
         match fault {
             Fault::Hang => {
@@ -581,10 +729,16 @@ impl State {
 
     fn admin(&self, command: &str, request: &Request<Bytes>) -> Response<Bytes> {
         let result = match (request.method().clone(), command) {
-            (Method::GET, "stats") => Ok(json!({
-                "token_requests": self.token_requests.load(Ordering::SeqCst),
-                "issued_tokens": self.issued_tokens.load(Ordering::SeqCst),
-            })),
+            (Method::GET, "stats") => {
+                let arrivals: Vec<_> = self.control().token_arrivals.iter().copied().collect();
+                Ok(json!({
+                    "token_requests": self.token_requests.load(Ordering::SeqCst),
+                    "issued_tokens": self.issued_tokens.load(Ordering::SeqCst),
+                    "in_flight": self.in_flight.load(Ordering::SeqCst),
+                    "peak_in_flight": self.peak_in_flight.load(Ordering::SeqCst),
+                    "peak_per_second": busiest_window(&arrivals, Duration::from_secs(1)),
+                }))
+            }
             (Method::GET, "requests") => {
                 let requests = self.control().requests.clone();
                 Ok(Value::Array(
@@ -613,6 +767,23 @@ impl State {
                     self.control().queued_faults.extend(faults);
                     json!({"ok": true})
                 }),
+            (Method::POST, "schedule") => {
+                serde_json::from_slice::<Vec<ScheduleStep>>(request.body())
+                    .map_err(|error| error.to_string())
+                    .and_then(|steps| {
+                        steps
+                            .into_iter()
+                            .map(|step| {
+                                Fault::try_from(step.fault)
+                                    .map(|fault| (Duration::from_millis(step.for_ms), fault))
+                            })
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                    .map(|steps| {
+                        self.set_schedule(steps);
+                        json!({"ok": true})
+                    })
+            }
             (Method::POST, "token-lifetime") => {
                 #[derive(Deserialize)]
                 struct Lifetime {
@@ -629,8 +800,11 @@ impl State {
                 let mut control = self.control();
                 control.fault = Fault::None;
                 control.queued_faults.clear();
+                control.schedule.clear();
                 control.requests.clear();
                 control.token_lifetime = DEFAULT_TOKEN_LIFETIME;
+                drop(control);
+                self.reset_traffic();
                 Ok(json!({"ok": true}))
             }
             _ => {
@@ -646,6 +820,14 @@ impl State {
             Err(message) => imds_error(StatusCode::BAD_REQUEST, "invalid_request", &message),
         }
     }
+}
+
+/// One step of the admin API's fault schedule: `{"for_ms": N, "fault": {…}}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScheduleStep {
+    for_ms: u64,
+    fault: FaultSpec,
 }
 
 /// The admin API's JSON form of a [`Fault`].

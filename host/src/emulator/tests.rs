@@ -221,3 +221,213 @@ async fn hang_never_answers_until_shutdown() {
     .await;
     assert!(answer.is_err(), "a hanging emulator must not answer");
 }
+
+async fn status_of(emulator: &Emulator) -> u16 {
+    emulator
+        .handle(imds_request("api-version=2018-02-01&resource=r"))
+        .await
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(start_paused = true)]
+async fn scheduled_faults_follow_the_clock_then_the_standing_fault_returns() {
+    let emulator = Emulator::in_memory();
+    let end = emulator.schedule_faults([
+        (Duration::from_secs(60), Fault::Status(410)),
+        (Duration::from_secs(10), Fault::Status(500)),
+    ]);
+    assert_eq!(end, tokio::time::Instant::now() + Duration::from_secs(70));
+    // A queued one-shot fault still comes first.
+    emulator.push_faults([Fault::Status(429)]);
+    assert_eq!(status_of(&emulator).await, 429);
+    assert_eq!(status_of(&emulator).await, 410);
+    tokio::time::advance(Duration::from_millis(59_900)).await;
+    assert_eq!(status_of(&emulator).await, 410);
+    tokio::time::advance(Duration::from_millis(200)).await;
+    assert_eq!(status_of(&emulator).await, 500);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(
+        status_of(&emulator).await,
+        200,
+        "recovered after the schedule"
+    );
+    emulator.set_fault(Fault::Status(503));
+    assert_eq!(status_of(&emulator).await, 503, "then the standing fault");
+
+    // A new schedule replaces the old one; an empty one cancels it.
+    emulator.set_fault(Fault::None);
+    emulator.schedule_faults([(Duration::from_secs(5), Fault::MalformedJson)]);
+    emulator.schedule_faults([(Duration::from_secs(5), Fault::Status(404))]);
+    assert_eq!(status_of(&emulator).await, 404);
+    emulator.schedule_faults([]);
+    assert_eq!(status_of(&emulator).await, 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn admin_api_schedules_faults_and_reports_traffic() {
+    let emulator = Emulator::in_memory();
+    let admin = |path: &str, body: &'static str| {
+        Request::post(format!("/emulator/{path}"))
+            .body(Bytes::from_static(body.as_bytes()))
+            .unwrap()
+    };
+    let set = emulator
+        .handle(admin(
+            "schedule",
+            r#"[{"for_ms":60000,"fault":{"fault":"status","status":410}}]"#,
+        ))
+        .await;
+    assert_eq!(set.status(), StatusCode::OK);
+    assert_eq!(status_of(&emulator).await, 410);
+    assert_eq!(status_of(&emulator).await, 410);
+    tokio::time::advance(Duration::from_secs(60)).await;
+    assert_eq!(status_of(&emulator).await, 200);
+    for bad in [
+        r#"[{"fault":{"fault":"hang"}}]"#,
+        r#"[{"for_ms":1,"fault":{"fault":"explode"}}]"#,
+        r#"[{"for_ms":1,"fault":{"fault":"hang"},"extra":1}]"#,
+    ] {
+        let refused = emulator
+            .handle(
+                Request::post("/emulator/schedule")
+                    .body(Bytes::from(bad))
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{bad}");
+    }
+    let stats = json_body(
+        &emulator
+            .handle(Request::get("/emulator/stats").body(Bytes::new()).unwrap())
+            .await,
+    );
+    assert_eq!(stats["token_requests"], 3);
+    assert_eq!(stats["in_flight"], 0);
+    assert_eq!(stats["peak_in_flight"], 1);
+    // Two requests at the same instant, the third 60 s later.
+    assert_eq!(stats["peak_per_second"], 2);
+    emulator.handle(admin("reset", "")).await;
+    assert!(emulator.token_request_times().is_empty());
+}
+
+#[test]
+fn busiest_window_counts_arrivals_less_than_a_window_apart() {
+    let start = tokio::time::Instant::now();
+    // 21 starts spaced 50 ms: 20/s exactly, so no 1 s window holds 21.
+    let mut times: Vec<_> = (0..21u32)
+        .map(|n| start + Duration::from_millis(50) * n)
+        .collect();
+    times.reverse();
+    assert_eq!(busiest_window(&times, Duration::from_secs(1)), 20);
+    assert_eq!(busiest_window(&times, Duration::from_millis(1001)), 21);
+    assert_eq!(busiest_window(&times, Duration::from_millis(100)), 2);
+    times.push(start + Duration::from_millis(25));
+    assert_eq!(busiest_window(&times, Duration::from_secs(1)), 21);
+    assert_eq!(busiest_window(&[], Duration::from_secs(1)), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn token_request_times_are_recorded_per_request() {
+    let emulator = Emulator::in_memory();
+    let start = tokio::time::Instant::now();
+    for _ in 0..3 {
+        status_of(&emulator).await;
+        tokio::time::advance(Duration::from_millis(400)).await;
+    }
+    // The identity-info path is not a token request.
+    emulator
+        .handle(
+            Request::get("/metadata/identity/info?api-version=2018-02-01")
+                .header("Metadata", "true")
+                .body(Bytes::new())
+                .unwrap(),
+        )
+        .await;
+    let times = emulator.token_request_times();
+    assert_eq!(
+        times
+            .iter()
+            .map(|at| at.duration_since(start))
+            .collect::<Vec<_>>(),
+        [0, 400, 800].map(Duration::from_millis)
+    );
+    assert_eq!(emulator.peak_token_requests(Duration::from_millis(800)), 2);
+    assert_eq!(emulator.peak_token_requests(Duration::from_millis(801)), 3);
+    emulator.reset_traffic();
+    assert!(emulator.token_request_times().is_empty());
+}
+
+/// Sends a raw HTTP/1.1 token request and returns the open connection.
+async fn open_token_request(emulator: &Emulator) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(emulator.local_addr())
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET {IMDS_TOKEN_PATH}?api-version=2018-02-01&resource=r HTTP/1.1\r\n\
+                 host: localhost\r\nmetadata: true\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    stream
+}
+
+async fn wait_for_in_flight(emulator: &Emulator, expected: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while emulator.in_flight_token_requests() != expected {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "in flight {} (expected {expected})",
+            emulator.in_flight_token_requests()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn in_flight_counts_hanging_requests_until_their_client_goes_away() {
+    let emulator = Emulator::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    emulator.set_fault(Fault::Hang);
+    let first = open_token_request(&emulator).await;
+    let second = open_token_request(&emulator).await;
+    let third = open_token_request(&emulator).await;
+    wait_for_in_flight(&emulator, 3).await;
+    assert_eq!(emulator.peak_in_flight_token_requests(), 3);
+    // A client giving up (as a timed-out caller does) releases its request.
+    drop(first);
+    wait_for_in_flight(&emulator, 2).await;
+    drop((second, third));
+    wait_for_in_flight(&emulator, 0).await;
+    assert_eq!(emulator.peak_in_flight_token_requests(), 3);
+    emulator.reset_traffic();
+    assert_eq!(emulator.peak_in_flight_token_requests(), 0);
+
+    // Answered requests stop counting too.
+    emulator.set_fault(Fault::Slow(Duration::from_millis(300)));
+    let client = crate::token::HyperClient::new().unwrap();
+    let url: http::Uri = format!(
+        "{}?api-version=2018-02-01&resource=r",
+        emulator.imds_token_url()
+    )
+    .parse()
+    .unwrap();
+    let request = || {
+        Request::get(url.clone())
+            .header("metadata", "true")
+            .body(Bytes::new())
+            .unwrap()
+    };
+    use crate::token::HttpClient as _;
+    let (a, b) = tokio::join!(client.send(request()), client.send(request()));
+    assert_eq!(a.unwrap().status(), StatusCode::OK);
+    assert_eq!(b.unwrap().status(), StatusCode::OK);
+    assert_eq!(emulator.in_flight_token_requests(), 0);
+    assert_eq!(emulator.peak_in_flight_token_requests(), 2);
+}
