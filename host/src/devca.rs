@@ -23,7 +23,10 @@ use rand_core::{OsRng, RngCore};
 use rsa::pkcs1::DecodeRsaPrivateKey;
 use sha2::{Digest, Sha256};
 use x509_cert::builder::{Builder, CertificateBuilder, Profile};
-use x509_cert::der::asn1::{Ia5String, OctetString, PrintableStringRef, SetOfVec, Utf8StringRef};
+use x509_cert::certificate::{TbsCertificate, Version};
+use x509_cert::der::asn1::{
+    Ia5String, ObjectIdentifier, OctetString, PrintableStringRef, SetOfVec, Utf8StringRef,
+};
 use x509_cert::der::{Any, Decode, DecodePem, Encode, EncodePem};
 use x509_cert::ext::pkix::SubjectAltName;
 use x509_cert::ext::pkix::name::GeneralName;
@@ -41,6 +44,10 @@ pub const OID_AZURE_IDENTITIES: &str = "1.3.9999.1.17";
 pub const CA_CERT_FILE: &str = "ca.crt";
 /// The CA key's file name in the CA directory.
 pub const CA_KEY_FILE: &str = "ca.key";
+/// Extended key usage serverAuth (RFC 5280).
+pub const EKU_SERVER_AUTH: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.1");
+/// Extended key usage clientAuth (RFC 5280): what the gateway requires of a client certificate.
+pub const EKU_CLIENT_AUTH: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.2");
 /// Teleport backdates certificates by a minute for clock skew; so does the dev CA.
 const BACKDATE: Duration = Duration::from_secs(60);
 
@@ -357,10 +364,23 @@ impl CertificateAuthority {
     }
 
     /// Issues a Teleport-format app certificate for the public key `spki`; returns its PEM.
+    /// Its extensions are Teleport's: EKU serverAuth + clientAuth, key usage
+    /// digitalSignature|keyEncipherment (critical), CA:FALSE, no SAN.
     pub fn issue_app(
         &self,
         spec: &AppCertificate,
         spki: SubjectPublicKeyInfoOwned,
+    ) -> Result<String, DevCaError> {
+        self.issue_app_with_eku(spec, spki, Some(&[EKU_SERVER_AUTH, EKU_CLIENT_AUTH]))
+    }
+
+    /// [`Self::issue_app`] with other extended key usages: `None` leaves the extension out
+    /// (for tests of the gateway's refusals; a Teleport certificate always has it).
+    pub fn issue_app_with_eku(
+        &self,
+        spec: &AppCertificate,
+        spki: SubjectPublicKeyInfoOwned,
+        eku: Option<&[ObjectIdentifier]>,
     ) -> Result<String, DevCaError> {
         let mut rdns = Vec::new();
         if let Some(user) = &spec.user {
@@ -375,20 +395,18 @@ impl CertificateAuthority {
         for id in &spec.allowed_identities {
             rdns.push(rdn(OID_AZURE_IDENTITIES, id)?);
         }
-        let builder = CertificateBuilder::new(
-            self.leaf_profile(),
-            serial(),
-            validity(spec.not_before, spec.not_after)?,
+        self.issue_leaf(
             RdnSequence(rdns),
             spki,
-            &self.key,
+            validity(spec.not_before, spec.not_after)?,
+            eku,
+            None,
         )
-        .map_err(cert_error)?;
-        self.finish(builder)
     }
 
     /// Issues a TLS server certificate for `dns_names` (the first is also the CN) and
-    /// `ip_addresses`, valid between `not_before` and `not_after`.
+    /// `ip_addresses`, valid between `not_before` and `not_after`. Its only EKU is serverAuth,
+    /// so it is no client certificate for the gateway (which requires clientAuth).
     pub fn issue_server(
         &self,
         dns_names: &[&str],
@@ -400,15 +418,6 @@ impl CertificateAuthority {
         let common_name = dns_names.first().copied().unwrap_or("localhost");
         let subject = Name::from_str(&format!("CN={}", escape_dn(common_name)))
             .map_err(|e| DevCaError::Invalid(format!("server name {common_name:?}: {e}")))?;
-        let mut builder = CertificateBuilder::new(
-            self.leaf_profile(),
-            serial(),
-            validity(not_before, not_after)?,
-            subject,
-            spki,
-            &self.key,
-        )
-        .map_err(cert_error)?;
         let mut names = Vec::new();
         for dns in dns_names {
             let name = Ia5String::new(dns)
@@ -424,27 +433,101 @@ impl CertificateAuthority {
                 OctetString::new(octets).map_err(cert_error)?,
             ));
         }
-        builder
-            .add_extension(&SubjectAltName(names))
-            .map_err(cert_error)?;
-        self.finish(builder)
+        self.issue_leaf(
+            subject,
+            spki,
+            validity(not_before, not_after)?,
+            Some(&[EKU_SERVER_AUTH]),
+            Some(SubjectAltName(names)),
+        )
     }
 
-    fn leaf_profile(&self) -> Profile {
-        Profile::Leaf {
-            issuer: self.name.clone(),
-            enable_key_agreement: false,
-            enable_key_encipherment: false,
-        }
-    }
-
-    fn finish(
+    /// Builds and signs an end-entity certificate with the extensions Go's `x509` writes for
+    /// Teleport: authority key id, CA:FALSE and key usage digitalSignature|keyEncipherment
+    /// (both critical), the EKU (when given, non-critical) and the SAN (when given). The TBS is
+    /// assembled here rather than with `CertificateBuilder`, whose leaf profile always adds
+    /// nonRepudiation.
+    fn issue_leaf(
         &self,
-        builder: CertificateBuilder<'_, p256::ecdsa::SigningKey>,
+        subject: Name,
+        spki: SubjectPublicKeyInfoOwned,
+        validity: Validity,
+        eku: Option<&[ObjectIdentifier]>,
+        san: Option<SubjectAltName>,
     ) -> Result<String, DevCaError> {
-        let cert = builder
-            .build::<p256::ecdsa::DerSignature>()
+        use p256::ecdsa::signature::Signer;
+        use x509_cert::der::oid::AssociatedOid;
+        use x509_cert::der::referenced::OwnedToRef;
+        use x509_cert::ext::pkix::{
+            AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages,
+        };
+        use x509_cert::ext::{AsExtension, Extension};
+        use x509_cert::spki::{DynSignatureAlgorithmIdentifier, SignatureBitStringEncoding};
+
+        let issuer_spki = AppKey::P256(self.key.clone()).public_key_info()?;
+        let mut extensions = Vec::new();
+        extensions.push(
+            AuthorityKeyIdentifier::try_from(issuer_spki.owned_to_ref())
+                .map_err(cert_error)?
+                .to_extension(&subject, &extensions)
+                .map_err(cert_error)?,
+        );
+        extensions.push(
+            BasicConstraints {
+                ca: false,
+                path_len_constraint: None,
+            }
+            .to_extension(&subject, &extensions)
+            .map_err(cert_error)?,
+        );
+        extensions.push(
+            KeyUsage(KeyUsages::DigitalSignature | KeyUsages::KeyEncipherment)
+                .to_extension(&subject, &extensions)
+                .map_err(cert_error)?,
+        );
+        if let Some(eku) = eku {
+            // Non-critical as Go writes it (x509-cert would mark it critical).
+            extensions.push(Extension {
+                extn_id: ExtendedKeyUsage::OID,
+                critical: false,
+                extn_value: OctetString::new(
+                    ExtendedKeyUsage(eku.to_vec())
+                        .to_der()
+                        .map_err(cert_error)?,
+                )
+                .map_err(cert_error)?,
+            });
+        }
+        if let Some(san) = san {
+            extensions.push(
+                san.to_extension(&subject, &extensions)
+                    .map_err(cert_error)?,
+            );
+        }
+        let signature_algorithm = self
+            .key
+            .signature_algorithm_identifier()
             .map_err(cert_error)?;
+        let tbs_certificate = TbsCertificate {
+            version: Version::V3,
+            serial_number: serial(),
+            signature: signature_algorithm.clone(),
+            issuer: self.name.clone(),
+            validity,
+            subject,
+            subject_public_key_info: spki,
+            issuer_unique_id: None,
+            subject_unique_id: None,
+            extensions: Some(extensions),
+        };
+        let tbs_der = tbs_certificate.to_der().map_err(cert_error)?;
+        let signature: p256::ecdsa::DerSignature =
+            self.key.try_sign(&tbs_der).map_err(cert_error)?;
+        let cert = Certificate {
+            tbs_certificate,
+            signature_algorithm,
+            signature: signature.to_bitstring().map_err(cert_error)?,
+        };
         cert.to_pem(LineEnding::LF).map_err(cert_error)
     }
 }
@@ -803,6 +886,116 @@ mod tests {
             assert!(!key.sign(signed.as_bytes()).unwrap().is_empty());
             assert!(!format!("{key:?}").contains("PRIVATE"));
         }
+    }
+
+    /// The extensions of a certificate, parsed back from its PEM.
+    fn extensions(pem: &str) -> Vec<x509_cert::ext::Extension> {
+        Certificate::from_pem(pem.as_bytes())
+            .unwrap()
+            .tbs_certificate
+            .extensions
+            .unwrap_or_default()
+    }
+
+    fn decoded<T: AssociatedOid + for<'a> Decode<'a>>(
+        extensions: &[x509_cert::ext::Extension],
+    ) -> Option<(bool, T)> {
+        extensions
+            .iter()
+            .find(|e| e.extn_id == T::OID)
+            .map(|e| (e.critical, T::from_der(e.extn_value.as_bytes()).unwrap()))
+    }
+
+    use x509_cert::der::oid::AssociatedOid;
+    use x509_cert::ext::pkix::{
+        AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages,
+        SubjectKeyIdentifier,
+    };
+
+    #[test]
+    fn leaf_certificates_carry_teleports_extensions() {
+        let ca = CertificateAuthority::generate("extensions", Duration::from_secs(3600)).unwrap();
+        let key = AppKey::generate(KeyKind::P256).unwrap();
+        let now = SystemTime::now();
+        let spec = AppCertificate {
+            user: Some("alice".into()),
+            roles: ids(&["dev"]),
+            selected_identity: None,
+            allowed_identities: Vec::new(),
+            not_before: now - BACKDATE,
+            not_after: now + Duration::from_secs(600),
+        };
+        let app = ca.issue_app(&spec, key.public_key_info().unwrap()).unwrap();
+        let server = ca
+            .issue_server(
+                &["gateway.test"],
+                &[std::net::IpAddr::from([127, 0, 0, 1])],
+                key.public_key_info().unwrap(),
+                now - BACKDATE,
+                now + Duration::from_secs(600),
+            )
+            .unwrap();
+        let ca_ski = decoded::<SubjectKeyIdentifier>(&extensions(ca.cert_pem()))
+            .unwrap()
+            .1;
+        for (pem, eku) in [
+            (&app, vec![EKU_SERVER_AUTH, EKU_CLIENT_AUTH]),
+            (&server, vec![EKU_SERVER_AUTH]),
+        ] {
+            let exts = extensions(pem);
+            assert_eq!(
+                decoded::<ExtendedKeyUsage>(&exts).unwrap(),
+                (false, ExtendedKeyUsage(eku))
+            );
+            let (critical, usage) = decoded::<KeyUsage>(&exts).unwrap();
+            assert!(critical);
+            assert_eq!(
+                usage.0,
+                KeyUsages::DigitalSignature | KeyUsages::KeyEncipherment
+            );
+            let (critical, basic) = decoded::<BasicConstraints>(&exts).unwrap();
+            assert!(critical && !basic.ca && basic.path_len_constraint.is_none());
+            let (_, aki) = decoded::<AuthorityKeyIdentifier>(&exts).unwrap();
+            assert_eq!(aki.key_identifier, Some(ca_ski.0.clone()));
+        }
+        assert!(decoded::<SubjectAltName>(&extensions(&app)).is_none());
+        assert!(decoded::<SubjectAltName>(&extensions(&server)).is_some());
+        // Without EKU (refusal tests only): the extension is absent, the rest unchanged.
+        let bare = ca
+            .issue_app_with_eku(&spec, key.public_key_info().unwrap(), None)
+            .unwrap();
+        assert!(decoded::<ExtendedKeyUsage>(&extensions(&bare)).is_none());
+        assert!(decoded::<KeyUsage>(&extensions(&bare)).is_some());
+
+        // What a TLS client-certificate verifier (webpki, as in `azgate serve`) makes of them:
+        // the app certificate is a client certificate, the server certificate is not.
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, UnixTime};
+        let der = |pem: &str| CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der(ca.cert_pem())).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        let at = UnixTime::now();
+        verifier.verify_client_cert(&der(&app), &[], at).unwrap();
+        verifier.verify_client_cert(&der(&bare), &[], at).unwrap();
+        let err = verifier
+            .verify_client_cert(&der(&server), &[], at)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::InvalidPurpose
+                        | rustls::CertificateError::InvalidPurposeContext { .. }
+                )
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]

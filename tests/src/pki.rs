@@ -3,16 +3,18 @@
 //! per role, Subject OIDs 1.3.9999.1.16 and .17) with ECDSA P-256, P-384 or RSA keys.
 //!
 //! Certificates are built and signed by `azgate::devca` (what `azgate ca` uses); this module adds
-//! the test-only key kinds (P-384, which azgate refuses) and the offsets-from-now interface.
+//! the test-only key kinds (P-384, which azgate refuses), app certificates with other extended
+//! key usages than Teleport's ([`Eku`]) and the offsets-from-now interface.
 
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Result;
-use azgate::devca::{AppCertificate, CertificateAuthority};
+use azgate::devca::{AppCertificate, CertificateAuthority, EKU_CLIENT_AUTH, EKU_SERVER_AUTH};
 use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
 use rand_core::OsRng;
 use x509_cert::der::Decode;
+use x509_cert::der::asn1::ObjectIdentifier;
 use x509_cert::spki::SubjectPublicKeyInfoOwned;
 
 /// Key types for app certificates.
@@ -96,6 +98,40 @@ pub struct AppCertSpec {
     pub not_after_offset_s: i64,
 }
 
+/// The extended key usages of a test app certificate.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Eku {
+    /// serverAuth + clientAuth, as Teleport issues app certificates.
+    #[default]
+    Teleport,
+    /// No extended key usage extension.
+    Absent,
+    /// serverAuth only (what `azgate ca server` issues).
+    ServerAuthOnly,
+    /// clientAuth only.
+    ClientAuthOnly,
+    /// These OIDs, dotted (an empty list writes an empty extension).
+    Oids(Vec<String>),
+}
+
+impl Eku {
+    fn oids(&self) -> Result<Option<Vec<ObjectIdentifier>>> {
+        Ok(match self {
+            Self::Teleport => Some(vec![EKU_SERVER_AUTH, EKU_CLIENT_AUTH]),
+            Self::Absent => None,
+            Self::ServerAuthOnly => Some(vec![EKU_SERVER_AUTH]),
+            Self::ClientAuthOnly => Some(vec![EKU_CLIENT_AUTH]),
+            Self::Oids(oids) => Some(
+                oids.iter()
+                    .map(|oid| ObjectIdentifier::new(oid))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| anyhow::anyhow!("EKU OID: {e}"))?,
+            ),
+        })
+    }
+}
+
 /// The test certificate authority: `azgate::devca`'s CA (ECDSA P-256), valid for a day.
 pub struct TestCa {
     ca: CertificateAuthority,
@@ -132,10 +168,16 @@ impl TestCa {
         issued(cert_pem, key)
     }
 
-    /// A Teleport-format app certificate.
+    /// A Teleport-format app certificate (Teleport's extended key usages).
     pub fn app(&self, spec: &AppCertSpec, kind: KeyKind) -> Result<Issued> {
+        self.app_with_eku(spec, kind, &Eku::Teleport)
+    }
+
+    /// A Teleport-format app certificate with the extended key usages `eku`.
+    pub fn app_with_eku(&self, spec: &AppCertSpec, kind: KeyKind, eku: &Eku) -> Result<Issued> {
         let key = PrivateKey::generate(kind)?;
-        let cert_pem = self.ca.issue_app(
+        let eku = eku.oids()?;
+        let cert_pem = self.ca.issue_app_with_eku(
             &AppCertificate {
                 user: spec.user.clone(),
                 roles: spec.roles.clone(),
@@ -145,6 +187,7 @@ impl TestCa {
                 not_after: at(spec.not_after_offset_s),
             },
             key.public_key_info()?,
+            eku.as_deref(),
         )?;
         issued(cert_pem, key)
     }
