@@ -1,6 +1,6 @@
 //! Listener TLS (rustls, client certificates verified against the configured CAs) and the
 //! `x-forwarded-client-cert` value built from the verified peer certificate, in the format
-//! Envoy's `SANITIZE_SET` writes with `subject`, `cert`, `uri` and `dns` set.
+//! Envoy's `SANITIZE_SET` writes with only `cert` set (`Hash` and `Cert`).
 
 use std::sync::Arc;
 
@@ -172,7 +172,9 @@ const XFCC_VALUE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-/// Builds `Hash=<sha256>;Cert="<url-encoded PEM>";Subject="<subject>";URI=<uri>;DNS=<name>...`.
+/// Builds `Hash=<sha256>;Cert="<url-encoded PEM>"`, the only keys the filter reads. Subject,
+/// URI and DNS are left out on purpose: they are text the certificate's holder chose, and a SAN
+/// such as `x;Cert="..."` written unescaped would add a second `Cert` key.
 pub(crate) fn peer_certificate(der: &[u8]) -> PeerCertificate {
     let hash: String = ring::digest::digest(&ring::digest::SHA256, der)
         .as_ref()
@@ -186,45 +188,80 @@ pub(crate) fn peer_certificate(der: &[u8]) -> PeerCertificate {
         pem.push('\n');
     }
     pem.push_str("-----END CERTIFICATE-----\n");
-    let (subject, uri, dns) = match x509_cert::Certificate::from_der(der) {
-        Ok(cert) => (
-            cert.tbs_certificate.subject.to_string(),
-            san(&cert, true),
-            san(&cert, false),
-        ),
-        Err(_) => (String::new(), Vec::new(), Vec::new()),
-    };
-    let mut xfcc = format!(
-        "Hash={hash};Cert=\"{}\";Subject=\"{}\";URI={}",
-        utf8_percent_encode(&pem, XFCC_VALUE),
-        subject.replace('\\', "\\\\").replace('"', "\\\""),
-        uri.first().map(String::as_str).unwrap_or_default()
-    );
-    for name in dns {
-        xfcc.push_str(";DNS=");
-        xfcc.push_str(&name);
-    }
+    let subject = x509_cert::Certificate::from_der(der)
+        .map(|cert| cert.tbs_certificate.subject.to_string())
+        .unwrap_or_default();
     PeerCertificate {
-        xfcc,
+        xfcc: format!(
+            "Hash={hash};Cert=\"{}\"",
+            utf8_percent_encode(&pem, XFCC_VALUE)
+        ),
         subject,
         sha256: hash,
     }
 }
 
-/// URI (`uris = true`) or DNS subject alternative names.
-fn san(cert: &x509_cert::Certificate, uris: bool) -> Vec<String> {
-    use x509_cert::ext::pkix::SubjectAltName;
-    use x509_cert::ext::pkix::name::GeneralName;
-    let Ok(Some((_, names))) = cert.tbs_certificate.get::<SubjectAltName>() else {
-        return Vec::new();
-    };
-    names
-        .0
-        .iter()
-        .filter_map(|name| match name {
-            GeneralName::UniformResourceIdentifier(u) if uris => Some(u.to_string()),
-            GeneralName::DnsName(d) if !uris => Some(d.to_string()),
-            _ => None,
-        })
-        .collect()
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use std::time::{Duration, SystemTime};
+
+    use percent_encoding::percent_decode_str;
+    use x509_cert::der::{DecodePem, Encode};
+
+    use super::*;
+    use crate::devca::{AppKey, CertificateAuthority, KeyKind};
+
+    /// A certificate whose SANs carry XFCC syntax writes only `Hash` and `Cert`: one `Cert`
+    /// key, the hash of this certificate, and the PEM of this certificate.
+    #[test]
+    fn xfcc_carries_only_hash_and_cert_whatever_the_sans_say() {
+        let ca = CertificateAuthority::generate("xfcc test", Duration::from_secs(3600)).unwrap();
+        let key = AppKey::generate(KeyKind::P256).unwrap();
+        let forged = r#"x;Cert="-----BEGIN%20CERTIFICATE-----%0AAAAA%0A-----END%20CERTIFICATE-----%0A";Subject="CN=admin""#;
+        let now = SystemTime::now();
+        let pem = ca
+            .issue_server(
+                &["gateway.test", forged],
+                &[],
+                key.public_key_info().unwrap(),
+                now - Duration::from_secs(60),
+                now + Duration::from_secs(600),
+            )
+            .unwrap();
+        let der = x509_cert::Certificate::from_pem(pem.as_bytes())
+            .unwrap()
+            .to_der()
+            .unwrap();
+        let peer = peer_certificate(&der);
+
+        let hash: String = ring::digest::digest(&ring::digest::SHA256, &der)
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(peer.sha256, hash);
+        assert_eq!(peer.subject, "CN=gateway.test");
+        let encoded = peer
+            .xfcc
+            .strip_prefix(&format!("Hash={hash};Cert=\""))
+            .and_then(|rest| rest.strip_suffix('"'))
+            .unwrap_or_else(|| panic!("unexpected XFCC shape: {}", peer.xfcc));
+        // Nothing of the SAN text survives: no quote, separator or key inside the value.
+        assert!(
+            encoded
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'%' || b"-._~".contains(&b)),
+            "{encoded}"
+        );
+        assert_eq!(peer.xfcc.matches("Cert=").count(), 1);
+        assert!(!peer.xfcc.contains("Subject") && !peer.xfcc.contains("DNS"));
+        let decoded = percent_decode_str(encoded).decode_utf8().unwrap();
+        let round_trip = x509_cert::Certificate::from_pem(decoded.as_bytes())
+            .unwrap()
+            .to_der()
+            .unwrap();
+        assert_eq!(round_trip, der);
+    }
 }
