@@ -166,6 +166,8 @@ pub struct Gateway {
     /// Test-only listener: client certificate optional, expired ones accepted, so the filter's
     /// own checks can be exercised.
     pub lenient: SocketAddr,
+    /// The admin endpoint: Envoy's admin interface, or serve's `/ready` and `/metrics`.
+    pub admin: SocketAddr,
     child: Child,
     /// `azgate token-service`, for the rendered Envoy configuration.
     token_service: Option<Child>,
@@ -278,6 +280,7 @@ impl Gateway {
         let mut gateway = Self {
             mtls,
             lenient,
+            admin,
             child,
             token_service,
             dir,

@@ -225,7 +225,7 @@ async fn run_suite(runtime: Runtime, suite: Suite) -> Result<Observations> {
     let probe = Probe::new(&topology)?;
     let result = match suite {
         Suite::Main => main_scenarios(&topology, &probe).await,
-        Suite::Trap => trap_scenario(&probe).await,
+        Suite::Trap => trap_scenario(&topology, &probe, runtime).await,
         Suite::Workers => {
             let mut out = Observations::new();
             probe
@@ -257,6 +257,8 @@ struct Probe {
     url: String,
     /// SHA-256 of the client certificate's DER, lower-case hex.
     cert_sha256: String,
+    /// The client certificate, DER.
+    cert_der: Vec<u8>,
 }
 
 /// A probe request.
@@ -289,16 +291,22 @@ impl<'a> Request<'a> {
 
 impl Probe {
     fn new(topology: &Topology) -> Result<Self> {
-        let cert = topology.ca.app(
-            &AppCertSpec {
-                user: Some("probe".into()),
-                roles: vec!["probe-role".into()],
-                not_before_offset_s: -60,
-                not_after_offset_s: 3600,
-                ..AppCertSpec::default()
-            },
-            KeyKind::P256,
-        )?;
+        let spec = AppCertSpec {
+            user: Some("probe".into()),
+            roles: vec!["probe-role".into()],
+            not_before_offset_s: -60,
+            not_after_offset_s: 3600,
+            ..AppCertSpec::default()
+        };
+        // A certificate whose base64 has every character XFCC escapes ('+', '/' and the '='
+        // padding, which depends on the DER length), so both runtimes' escapes compare.
+        let mut cert = topology.ca.app(&spec, KeyKind::P256)?;
+        for _ in 0..64 {
+            if ['+', '/', '='].iter().all(|c| cert.cert_pem.contains(*c)) {
+                break;
+            }
+            cert = topology.ca.app(&spec, KeyKind::P256)?;
+        }
         let pem = format!("{}{}", cert.cert_pem, cert.key_pem);
         let builder = || -> Result<reqwest::ClientBuilder> {
             Ok(reqwest::Client::builder()
@@ -329,6 +337,7 @@ impl Probe {
             client_h2,
             url: topology.gateway.url(),
             cert_sha256,
+            cert_der: der,
         })
     }
 
@@ -403,6 +412,57 @@ impl Probe {
     }
 }
 
+/// Replaces the `xfcc` the probe read by its shape when it is exactly
+/// `Hash=<SHA-256 of this client certificate>;Cert="<this certificate's PEM, percent-encoded>"`
+/// (each runtime has its own certificate, so the values themselves never compare), and adds
+/// `xfcc_cert_escapes`, the escapes used in `Cert=`, so both runtimes must encode alike.
+fn describe_xfcc(observed: &mut Value, probe: &Probe) {
+    let Some(xfcc) = observed["xfcc"].as_str().map(str::to_owned) else {
+        return;
+    };
+    let encoded = xfcc
+        .strip_prefix(&format!("Hash={};Cert=\"", probe.cert_sha256))
+        .and_then(|rest| rest.strip_suffix('"'));
+    let Some(encoded) = encoded else {
+        return;
+    };
+    let der: Option<Vec<u8>> = percent_decode(encoded).and_then(|pem| {
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        base64::engine::general_purpose::STANDARD.decode(body).ok()
+    });
+    if der.as_deref() != Some(probe.cert_der.as_slice()) {
+        return;
+    }
+    let mut escapes: Vec<&str> = encoded
+        .match_indices('%')
+        .filter_map(|(at, _)| encoded.get(at..at + 3))
+        .collect();
+    escapes.sort_unstable();
+    escapes.dedup();
+    observed["xfcc"] = json!(
+        "Hash=<SHA-256 of the client certificate>;Cert=\"<the client certificate, PEM, percent-encoded>\""
+    );
+    observed["xfcc_cert_escapes"] = json!(escapes);
+}
+
+/// `%XX` decoding; `None` on a malformed escape or non-UTF-8 result.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// Records one scenario's observations.
 fn record(out: &mut Observations, scenario: &str, observed: Value) {
     let entry = out.entry(scenario.to_string()).or_default();
@@ -435,11 +495,17 @@ async fn main_scenarios(topology: &Topology, probe: &Probe) -> Result<Observatio
             .await,
     );
     for scenario in ["headers", "headers_mutate", "headers_set_map"] {
-        record(&mut out, scenario, probe.send(headered(scenario)).await);
+        let mut observed = probe.send(headered(scenario)).await;
+        if scenario == "headers" {
+            describe_xfcc(&mut observed, probe);
+        }
+        record(&mut out, scenario, observed);
     }
     let mut h2 = headered("headers");
     h2.h2 = true;
-    record(&mut out, "headers_h2", probe.send(h2).await);
+    let mut observed = probe.send(h2).await;
+    describe_xfcc(&mut observed, probe);
+    record(&mut out, "headers_h2", observed);
     let mut body = Request::new("body");
     body.body = Some("hello probe world");
     record(&mut out, "body", probe.send(body).await);
@@ -682,10 +748,26 @@ async fn futures_join<F: std::future::Future<Output = Value>>(futures: Vec<F>) -
     outputs
 }
 
-/// A filter panic, then what the next requests get.
-async fn trap_scenario(probe: &Probe) -> Result<Observations> {
+/// Longest reload backoff of the test topology's Envoy: `reload_config.backoff.base_interval`
+/// (0.2 s) with Envoy's jitter (up to 1.5 times the base).
+const RELOAD_BACKOFF_MAX: Duration = Duration::from_millis(300);
+
+/// How long a runtime may take to serve again after a trap before the test fails.
+const RECOVERY_LIMIT: Duration = Duration::from_secs(5);
+
+/// A filter panic, then what the next requests get. The trap must fail only its own request
+/// (503, nothing forwarded) and the worker must serve the next one with a new VM: serve
+/// replaces a trapped VM at once; Envoy (`FAIL_RELOAD`) reloads it when the next request
+/// arrives, unless that worker's VM was (re)loaded less than the backoff ago. The first trap
+/// comes after the backoff of the start-up load; the second right after the first reload, so
+/// it shows the backoff, and the time until the worker serves again is measured.
+async fn trap_scenario(
+    topology: &Topology,
+    probe: &Probe,
+    runtime: Runtime,
+) -> Result<Observations> {
     let mut out = Observations::new();
-    let brief = |v: Value| {
+    let brief = |v: &Value| {
         json!({
             "http_status": v["http_status"],
             "http_error": v["http_error"],
@@ -693,34 +775,115 @@ async fn trap_scenario(probe: &Probe) -> Result<Observations> {
             "response_headers": v["response_headers"],
         })
     };
-    let vm_starts = || Request::new("shared_read").header("x-probe-key", "probe.vm_starts");
-    record(
-        &mut out,
-        "trap_1_before",
-        brief(probe.send(Request::new("ping")).await),
+    let trap = |path: &'static str| {
+        let mut request = Request::new("trap");
+        request.path = path;
+        request
+    };
+    let vm_starts = || async {
+        probe
+            .send(Request::new("shared_read").header("x-probe-key", "probe.vm_starts"))
+            .await["value"]
+            .clone()
+    };
+    let name = runtime.name();
+    let before = probe.send(Request::new("ping")).await;
+    let mut observed = brief(&before);
+    observed["vm_starts"] = vm_starts().await;
+    record(&mut out, "trap_1_before", observed);
+    tokio::time::sleep(RELOAD_BACKOFF_MAX).await;
+
+    let panic = probe.send(trap("/probe-trap-1")).await;
+    let next = probe.send(Request::new("ping")).await;
+    let mut observed = brief(&panic);
+    observed["forwarded"] = json!(topology.azure.seen_with_path("/probe-trap-1").len());
+    record(&mut out, "trap_2_panic", observed);
+    record(&mut out, "trap_3_next", brief(&next));
+    // The property the gateway must have, whatever the comparison says.
+    if panic["http_status"] != json!(503) || next["http_status"] != json!(200) {
+        bail!(
+            "{name}: a trap must fail only its own request (503) and the next request must be \
+             served (200); got {} then {}",
+            panic["http_status"],
+            next["http_status"]
+        );
+    }
+    if !topology.azure.seen_with_path("/probe-trap-1").is_empty() {
+        bail!("{name}: the trapping request was forwarded upstream");
+    }
+
+    let second = probe.send(trap("/probe-trap-2")).await;
+    let trapped_at = std::time::Instant::now();
+    let within_backoff = probe.send(Request::new("ping")).await;
+    let mut observed = brief(&second);
+    observed["forwarded"] = json!(topology.azure.seen_with_path("/probe-trap-2").len());
+    record(&mut out, "trap_4_second_panic", observed);
+    record(&mut out, "trap_5_next_at_once", brief(&within_backoff));
+    // Poll until the worker serves again.
+    let mut failed_in_between = 0u32;
+    let recovered = loop {
+        let answer = probe.send(Request::new("ping")).await;
+        if answer["http_status"] == json!(200) {
+            break Some(answer);
+        }
+        failed_in_between += 1;
+        if trapped_at.elapsed() > RECOVERY_LIMIT {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let Some(recovered) = recovered else {
+        bail!("{name}: still not serving {RECOVERY_LIMIT:?} after a trap");
+    };
+    let recovery = trapped_at.elapsed();
+    println!(
+        "{name}: served again {} ms after a trap that came right after a VM reload ({} requests \
+         failed in between)",
+        recovery.as_millis(),
+        failed_in_between + u32::from(within_backoff["http_status"] != json!(200))
     );
     record(
         &mut out,
-        "trap_2_panic",
-        brief(probe.send(Request::new("trap")).await),
+        "trap_6_served_again",
+        json!({
+            "http_status": recovered["http_status"],
+            "within_1s": recovery <= Duration::from_secs(1),
+        }),
     );
     record(
         &mut out,
-        "trap_3_next",
-        brief(probe.send(Request::new("ping")).await),
+        "trap_7_vm_starts",
+        json!({"value": vm_starts().await}),
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Each runtime's own count of replaced VMs: Envoy's reload statistics, serve's metric.
+    let (path, counter) = match runtime {
+        Runtime::Serve => ("/metrics", "azgate_vm_restarts_total"),
+        _ => ("/stats?filter=wasm.azgate", "wasm.azgate.vm_reload_success"),
+    };
+    let counters = reqwest::Client::builder()
+        .no_proxy()
+        .build()?
+        .get(format!("http://{}{path}", topology.gateway.admin))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let count = |name: &str| {
+        counters.lines().find_map(|line| {
+            let value = line.strip_prefix(name)?;
+            value.trim_start_matches(':').trim().parse::<u64>().ok()
+        })
+    };
     record(
         &mut out,
-        "trap_4_after_1500ms",
-        brief(probe.send(Request::new("ping")).await),
+        "trap_7_vm_starts",
+        json!({"vms_replaced": count(counter)}),
     );
-    let starts = probe.send(vm_starts()).await;
-    record(
-        &mut out,
-        "trap_5_vm_starts",
-        json!({"http_status": starts["http_status"], "value": starts["value"]}),
-    );
+    if let Some(backoff) = count("wasm.azgate.vm_reload_backoff") {
+        println!(
+            "{name}: wasm.azgate.vm_reload_backoff = {backoff} (requests failed in the backoff)"
+        );
+    }
     Ok(out)
 }
 

@@ -308,6 +308,7 @@ impl ProbeStream {
             "get_repeated": self.header("x-rep"),
             "get_empty_value": self.header("x-empty"),
             "get_missing": self.header("x-missing"),
+            "xfcc": self.header("x-forwarded-client-cert"),
             "pairs_probe_names_in_order": probe_names,
             "pairs_repeated_values": pairs.iter().filter(|(k, _)| k == "x-rep").map(|(_, v)| v.as_str()).collect::<Vec<_>>(),
             "pairs_all_names": all,
