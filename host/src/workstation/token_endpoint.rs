@@ -307,8 +307,8 @@ mod tests {
     fn endpoint(kind: KeyKind) -> (TokenEndpoint, azgate_filter::identity::PublicKey) {
         let key = AppKey::generate(kind).unwrap();
         let public = match &key {
-            AppKey::P256(k) => azgate_filter::identity::PublicKey::P256(*k.verifying_key()),
-            AppKey::Rsa(k) => azgate_filter::identity::PublicKey::Rsa(k.to_public_key()),
+            AppKey::P256(k) => azgate_filter::identity::PublicKey::p256(k.verifying_key()),
+            AppKey::Rsa(k) => azgate_filter::identity::PublicKey::rsa(&k.to_public_key()).unwrap(),
         };
         (
             TokenEndpoint::new(key, ID.into(), EndpointSecret::generate()),
