@@ -447,6 +447,11 @@ impl Emulator {
         self.state.reset_traffic();
     }
 
+    /// Restarts the in-flight peak from the number in flight now (arrival times are kept).
+    pub fn reset_peak_in_flight(&self) {
+        self.state.reset_peak_in_flight();
+    }
+
     /// Lifetime of issued tokens (default 24 h: `expires_in` ≈ 86399).
     pub fn set_token_lifetime(&self, lifetime: Duration) {
         self.state.control().token_lifetime = lifetime;
@@ -510,6 +515,10 @@ impl State {
 
     fn reset_traffic(&self) {
         self.control().token_arrivals.clear();
+        self.reset_peak_in_flight();
+    }
+
+    fn reset_peak_in_flight(&self) {
         self.peak_in_flight
             .store(self.in_flight.load(Ordering::SeqCst), Ordering::SeqCst);
     }

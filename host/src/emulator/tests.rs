@@ -403,9 +403,12 @@ async fn in_flight_counts_hanging_requests_until_their_client_goes_away() {
     // A client giving up (as a timed-out caller does) releases its request.
     drop(first);
     wait_for_in_flight(&emulator, 2).await;
+    emulator.reset_peak_in_flight();
+    assert_eq!(emulator.peak_in_flight_token_requests(), 2);
+    assert_eq!(emulator.token_request_times().len(), 3, "arrivals are kept");
     drop((second, third));
     wait_for_in_flight(&emulator, 0).await;
-    assert_eq!(emulator.peak_in_flight_token_requests(), 3);
+    assert_eq!(emulator.peak_in_flight_token_requests(), 2);
     emulator.reset_traffic();
     assert_eq!(emulator.peak_in_flight_token_requests(), 0);
 
