@@ -90,3 +90,21 @@ bench: wasm envoy
 clean:
 	$(CARGO) clean
 	rm -rf .tools .venv
+
+## A bounded soak (~5 min) of azgate serve and the rendered Envoy config with short-lived tokens:
+## zero unexpected errors and flat RSS, or it fails. Not part of make test.
+SOAK_ARGS ?= --seconds 300
+.PHONY: soak test-faults
+soak: wasm envoy
+	$(CARGO) build -p azgate
+	$(CARGO) run -q -p azgate-tests --example soak -- $(SOAK_ARGS)
+
+## Token-service faults (429, 410, 500, hang, malformed JSON) under load on every runtime (~80 s).
+test-faults: wasm envoy
+	$(CARGO) build -p azgate
+	$(CARGO) test -p azgate-tests --test faults
+
+## cargo fuzz targets for a bounded time each (nightly; see fuzz/README.md).
+.PHONY: fuzz
+fuzz:
+	bash scripts/fuzz.sh
