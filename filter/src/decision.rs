@@ -62,6 +62,16 @@ pub struct AuditFields {
 }
 
 impl AuditFields {
+    /// The fields known before any check: the method and the path without its query (SAS
+    /// signatures live there), both made printable.
+    pub fn for_request(method: &str, path: &str) -> Self {
+        Self {
+            method: printable(method),
+            path: printable(path.split('?').next().unwrap_or_default()),
+            ..Default::default()
+        }
+    }
+
     /// One JSON audit line for the final decision.
     pub fn line(&self, outcome: Result<(), &Refusal>) -> String {
         let (decision, code, status) = match outcome {
@@ -181,13 +191,8 @@ pub fn decide_header_map(
     match headers::read(pairs) {
         Ok(view) => decide(&view, config, now, verified),
         Err(refusal) => {
-            let (method, path) = headers::audit_method_and_path(pairs);
-            let audit = AuditFields {
-                method,
-                path,
-                ..Default::default()
-            };
-            (audit, Err(refusal))
+            let (method, path) = headers::lossy_method_and_path(pairs);
+            (AuditFields::for_request(&method, &path), Err(refusal))
         }
     }
 }
@@ -199,11 +204,7 @@ pub fn decide(
     now: i64,
     verified: &mut VerificationCache,
 ) -> (AuditFields, Result<Grant, Refusal>) {
-    let mut audit = AuditFields {
-        method: printable(view.method),
-        path: printable(view.path.split('?').next().unwrap_or_default()),
-        ..Default::default()
-    };
+    let mut audit = AuditFields::for_request(view.method, view.path);
     let result = decide_into(view, config, now, verified, &mut audit);
     (audit, result)
 }
@@ -334,6 +335,23 @@ mod tests {
         assert_eq!(result.unwrap_err().code(), "MissingClientCertificate");
         assert_eq!(audit.path, "/subscriptions");
         assert_eq!(audit.user, None);
+    }
+
+    #[test]
+    fn audit_fields_of_an_unreadable_request_are_printable() {
+        let pairs = vec![
+            (":method".to_string(), b"G\xffT".to_vec()),
+            (":path".to_string(), b"/a\x01b?secret".to_vec()),
+        ];
+        let (audit, result) = decide_header_map(
+            &pairs,
+            &Config::default(),
+            0,
+            &mut VerificationCache::new(4),
+        );
+        assert_eq!(result.unwrap_err().code(), "InvalidHeader");
+        assert!(audit.method.is_ascii());
+        assert_eq!(audit.path, "/a?b");
     }
 
     #[test]
