@@ -133,7 +133,7 @@ impl EndpointPolicy {
                 "X-Forwarded-Host must name exactly one host".into(),
             ));
         }
-        let host = normalise_host(raw.trim())
+        let host = normalise_host(crate::headers::trim_ows(raw))
             .map_err(|why| Refusal::NotAnAzureEndpoint(format!("{}: {why}", printable(raw))))?;
         if self.is_azure_host(&host) {
             Ok(host)
@@ -273,6 +273,18 @@ mod tests {
         ] {
             let err = check(host).unwrap_err();
             assert_eq!(err.code(), "NotAnAzureEndpoint", "{host}");
+        }
+    }
+
+    #[test]
+    fn only_spaces_and_tabs_around_the_host_are_dropped() {
+        assert_eq!(
+            check(" \tmanagement.azure.com\t ").unwrap(),
+            "management.azure.com"
+        );
+        // Unicode spaces are part of the value, so the host is not an Azure one.
+        for host in ["management.azure.com\u{a0}", "\u{2003}management.azure.com"] {
+            assert_eq!(check(host).unwrap_err().code(), "NotAnAzureEndpoint");
         }
     }
 

@@ -25,6 +25,13 @@ const READ: [&str; 6] = [
     ":authority",
 ];
 
+/// `value` without HTTP's optional whitespace (space and tab, RFC 9110 §5.6.3) at either end.
+/// Only these: `str::trim` would also drop Unicode spaces such as U+00A0, which are part of
+/// the value.
+pub fn trim_ows(value: &str) -> &str {
+    value.trim_matches([' ', '\t'])
+}
+
 /// Builds the decision's view of a request from the host's header pairs.
 pub fn read(pairs: &[(String, Vec<u8>)]) -> Result<RequestView<'_>, Refusal> {
     let mut view = RequestView::default();
@@ -33,7 +40,7 @@ pub fn read(pairs: &[(String, Vec<u8>)]) -> Result<RequestView<'_>, Refusal> {
             continue;
         };
         let value = text(known, value)?;
-        if value.trim_matches([' ', '\t']).is_empty() {
+        if trim_ows(value).is_empty() {
             continue;
         }
         match *known {

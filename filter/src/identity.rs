@@ -165,11 +165,11 @@ pub fn parse_xfcc(values: &[&str]) -> Result<ForwardedCertificate, Refusal> {
         };
         let Some(slot) = XFCC_KEYS
             .iter()
-            .position(|k| k.eq_ignore_ascii_case(key.trim()))
+            .position(|k| k.eq_ignore_ascii_case(crate::headers::trim_ows(key)))
         else {
             return Err(invalid("has an unknown key"));
         };
-        if seen[slot].replace(raw.trim()).is_some() {
+        if seen[slot].replace(crate::headers::trim_ows(raw)).is_some() {
             return Err(invalid(&format!(
                 "names {} more than once",
                 XFCC_KEYS[slot]

@@ -50,15 +50,17 @@ impl Claims {
 
 /// Extracts the token from an `Authorization` header value.
 pub fn bearer_token(authorization: &str, max_bytes: usize) -> Result<&str, Refusal> {
-    let (scheme, token) = authorization.trim().split_once(' ').ok_or_else(|| {
-        Refusal::InvalidAuthorizationHeader("Authorization must be \"Bearer <token>\"".into())
-    })?;
+    let (scheme, token) = crate::headers::trim_ows(authorization)
+        .split_once(' ')
+        .ok_or_else(|| {
+            Refusal::InvalidAuthorizationHeader("Authorization must be \"Bearer <token>\"".into())
+        })?;
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(Refusal::InvalidAuthorizationHeader(
             "Authorization must use the Bearer scheme".into(),
         ));
     }
-    let token = token.trim();
+    let token = crate::headers::trim_ows(token);
     if token.is_empty() {
         return Err(Refusal::InvalidAuthorizationHeader(
             "the bearer token is empty".into(),

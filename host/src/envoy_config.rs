@@ -5,28 +5,32 @@
 //!
 //! | `azgate.yaml` | Envoy |
 //! |---|---|
-//! | `listeners[]` with `tls` | a listener with a `DownstreamTlsContext` (client CA, certificate required unless `optional`), XFCC `SANITIZE_SET` |
+//! | `listeners[]` with `tls` | a listener with a `DownstreamTlsContext` (client CA, certificate required unless `optional`), XFCC `SANITIZE_SET` with only the certificate (Envoy adds its `Hash`) |
 //! | `listeners[]` with `plaintext_behind_trusted_front` | a plain listener, XFCC `ALWAYS_FORWARD_ONLY` (the front's header is trusted, as in `azgate serve`) |
 //! | `listeners[].max_connections` | the `connection_limit` network filter; their sum is the overload manager's global limit |
-//! | `filter` (path, names, `config` + `role_files`) | the wasm HTTP filter on V8, `FAIL_CLOSED`, configuration inline |
+//! | `listeners[].request_headers_timeout_ms`, `request_timeout_ms` | HCM `request_headers_timeout`, `request_timeout` (408) |
+//! | `filter` (path, names, `config` + `role_files`) | the wasm HTTP filter on V8, `FAIL_RELOAD` (a trapped VM is replaced, backoff base 0.2 s), configuration inline |
 //! | `clusters.X.address` | a static plain-HTTP cluster `X` |
 //! | `clusters.X.token_service: true` | a static cluster `X` to `azgate token-service` (`--token-service-address`) |
 //! | `upstream.resolve` | a route by `:authority` to a static TLS cluster per host (like `curl --resolve`) |
 //! | everything else towards Azure | the dynamic forward proxy: DNS, TLS with SNI and SAN check from `:authority` |
 //! | `upstream.extra_ca` | appended to the system CA bundle for upstream TLS |
 //! | `upstream.connect_timeout_ms`, `request_timeout_ms` | cluster `connect_timeout`, route `timeout` |
+//! | `upstream.max_request_body_bytes` | the buffer filter after the wasm filter: the whole body is received before anything goes upstream (413 beyond), as `azgate serve` does |
 //! | `admin` | Envoy's admin interface; refused unless on loopback |
+//! | (always) | request header blocks of at most 60 KiB and 100 fields (HTTP/1.1 and HTTP/2), absolute-form request targets refused, Envoy's own 4xx answers (codec errors, timeouts, too large) rewritten to azgate's JSON shape |
 //!
-//! Not expressible in Envoy without buffering whole bodies: `upstream.max_request_body_bytes`
-//! (Envoy streams bodies; the rendered file says so). `workers` becomes a note to start Envoy
-//! with `--concurrency`; `filter.cache_dir` has no Envoy equivalent.
+//! `workers` becomes a note to start Envoy with `--concurrency`; `filter.cache_dir` has no Envoy
+//! equivalent.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use crate::serve::{ConfigError, ListenerConfig, ServeConfig};
+use crate::serve::{
+    ConfigError, ListenerConfig, MAX_REQUEST_HEADERS, MAX_REQUEST_HEADERS_BYTES, ServeConfig,
+};
 use crate::token::ListenAddress;
 
 /// CA bundles tried, in order, when no `--system-ca-file` is given (Debian/Ubuntu/Alpine,
@@ -50,6 +54,11 @@ pub struct RenderOptions {
     /// Named in the header comment.
     pub source: PathBuf,
 }
+
+/// The least time between two reloads of a worker's trapped VM (`reload_config.backoff`); Envoy's
+/// default is 1 s. A reload is one VM clone, so a trap storm costs at most a few clones a
+/// second per worker, while a single trap costs no more than the request it happened in.
+const WASM_RELOAD_BACKOFF: &str = "0.2s";
 
 /// Route timeouts, as `azgate serve` uses them.
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
@@ -148,6 +157,8 @@ pub fn envoy_document(config: &ServeConfig, options: &RenderOptions) -> Result<V
         "virtual_hosts": [{"name": "azure", "domains": ["*"], "routes": routes}],
     });
     let wasm_filter = wasm_filter(config)?;
+    let body_limit = u32::try_from(config.upstream.max_request_body_bytes())
+        .map_err(|_| ConfigError::new("upstream.max_request_body_bytes", "at most 4294967295"))?;
     let mut listeners = Vec::new();
     let mut total_connections: u64 = 0;
     for (index, listener) in config.listeners.iter().enumerate() {
@@ -157,6 +168,7 @@ pub fn envoy_document(config: &ServeConfig, options: &RenderOptions) -> Result<V
             listener,
             &route_config,
             &wasm_filter,
+            body_limit,
         )?);
     }
 
@@ -202,11 +214,6 @@ fn header(config: &ServeConfig, options: &RenderOptions) -> String {
             options.token_service_address
         ));
     }
-    if config.upstream.max_request_body_bytes.is_some() {
-        header.push_str(
-            "# upstream.max_request_body_bytes is not enforced by Envoy (it streams bodies)\n",
-        );
-    }
     header
 }
 
@@ -215,6 +222,7 @@ fn envoy_listener(
     listener: &ListenerConfig,
     route_config: &Value,
     wasm_filter: &Value,
+    body_limit: u32,
 ) -> Result<Value, ConfigError> {
     let field = |name: &str| format!("listeners[{index}].{name}");
     let name = &listener.name;
@@ -234,23 +242,41 @@ fn envoy_listener(
             "codec_type": "AUTO",
             "use_remote_address": true,
             "forward_client_cert_details": xfcc,
-            "set_current_client_cert_details": {"subject": true, "cert": true, "uri": true, "dns": true},
-            "request_headers_timeout": "10s",
+            // Only the certificate (Envoy adds its `Hash`): the filter reads nothing else, and
+            // Subject/URI/DNS are text the certificate's holder chose.
+            "set_current_client_cert_details": {"cert": true},
+            "request_headers_timeout": duration(listener.request_headers_timeout_ms),
+            // Covers the body too: the buffer filter holds the request until it is complete.
+            "request_timeout": duration(listener.request_timeout_ms),
             "stream_idle_timeout": "300s",
+            "max_request_headers_kb": MAX_REQUEST_HEADERS_BYTES / 1024,
             "common_http_protocol_options": {
                 "idle_timeout": "300s",
                 "headers_with_underscores_action": "REJECT_REQUEST",
+                "max_headers_count": MAX_REQUEST_HEADERS,
             },
+            // Requests name their target in X-Forwarded-Host; an absolute-form target is a
+            // proxy request, which this gateway is not.
+            "http_protocol_options": {"allow_absolute_url": false},
             "http2_protocol_options": {
                 "max_concurrent_streams": 128,
                 "initial_stream_window_size": 65536,
                 "initial_connection_window_size": 1048576,
             },
             "access_log": [access_log(name)],
-            "local_reply_config": upstream_error_replies(),
+            "local_reply_config": local_replies(),
             "route_config": route_config,
             "http_filters": [
                 wasm_filter,
+                // After the filter, so a refused request is answered without reading its body;
+                // before the router, so nothing goes upstream until the body is complete.
+                {
+                    "name": "envoy.filters.http.buffer",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                        "max_request_bytes": body_limit,
+                    },
+                },
                 {
                     "name": "envoy.filters.http.dynamic_forward_proxy",
                     "typed_config": {
@@ -321,8 +347,12 @@ fn wasm_filter(config: &ServeConfig) -> Result<Value, ConfigError> {
             "config": {
                 "name": filter.name,
                 "root_id": filter.root_id,
-                // A filter that cannot run refuses requests; it never lets them through unchecked.
-                "failure_policy": "FAIL_CLOSED",
+                // A filter that cannot run refuses requests; it never lets them through
+                // unchecked. A VM that trapped is replaced on the next request, unless that
+                // worker's VM was (re)loaded less than the backoff (0.2-0.3 s, jittered) ago:
+                // then that request is refused too (an empty 503), as under FAIL_CLOSED.
+                "failure_policy": "FAIL_RELOAD",
+                "reload_config": {"backoff": {"base_interval": WASM_RELOAD_BACKOFF}},
                 "configuration": {
                     "@type": "type.googleapis.com/google.protobuf.StringValue",
                     "value": plugin_config,
@@ -375,14 +405,23 @@ fn access_log(listener: &str) -> Value {
     })
 }
 
-/// Envoy's own answers when Azure cannot be reached or is too slow, in the shape and with the
-/// codes `azgate serve` uses (`ServeError::UpstreamUnavailable` / `UpstreamTimeout`), so clients
-/// see the same errors from either runtime. Only these flags are mapped: the filter's own
-/// answers are left as they are.
-fn upstream_error_replies() -> Value {
-    let mapper = |flags: &[&str], status: u16, code: &str, message: &str| {
+/// Envoy's own answers, in the shape and with the codes `azgate serve` uses, so clients see the
+/// same errors from either runtime: when Azure cannot be reached or is too slow
+/// (`ServeError::UpstreamUnavailable` / `UpstreamTimeout`), and when the request itself is
+/// unusable — a request not received in time (`RequestTimeout`), a body over
+/// `max_request_body_bytes` (`RequestTooLarge`), a header block over the limits
+/// (`RequestHeaderFieldsTooLarge`), a target that is not a path (`InvalidRequestTarget`, 400 as
+/// serve and the filter answer it, not Envoy's 404), a transfer coding Envoy does not implement (`BadRequest`,
+/// 400 as serve answers it, not Envoy's 501). Matched by Envoy's response flags, or by statuses
+/// the filter never answers with, so the filter's own answers are left as they are.
+///
+/// Not rewritable: the HTTP/1.1 codec's other errors (malformed chunks, conflicting or repeated
+/// lengths) are a plain-text 400 `Bad Request`: their `DPE` flag is set only after the reply is
+/// rendered, and status 400 alone would also match the filter's answers.
+fn local_replies() -> Value {
+    let mapper = |filter: Value, status: u16, code: &str, message: &str| {
         json!({
-            "filter": {"response_flag_filter": {"flags": flags}},
+            "filter": filter,
             "status_code": status,
             "headers_to_add": [{
                 "header": {"key": "x-azgate-error", "value": code},
@@ -394,15 +433,52 @@ fn upstream_error_replies() -> Value {
             },
         })
     };
+    let flags = |flags: &[&str]| json!({"response_flag_filter": {"flags": flags}});
+    let status = |code: u16| {
+        json!({"status_code_filter": {"comparison": {
+            "op": "EQ",
+            "value": {"default_value": code, "runtime_key": format!("azgate.local_reply.{code}")},
+        }}})
+    };
     json!({
         "mappers": [
+            // request_headers_timeout and request_timeout.
             mapper(
-                &["DF", "UF", "UH", "URX", "UO", "UR", "UC"],
+                status(408),
+                408,
+                "RequestTimeout",
+                "azgate: the request was not received in time",
+            ),
+            // The buffer filter's limit.
+            mapper(status(413), 413, "RequestTooLarge", "azgate: the request body is too large"),
+            mapper(
+                status(431),
+                431,
+                "RequestHeaderFieldsTooLarge",
+                "azgate: the request header block is too large",
+            ),
+            // The connection manager's own refusal of a target that is not a path
+            // (`absolute_path_rejected`: `OPTIONS *`, absolute-form with `allow_absolute_url`
+            // off). Every path matches the one route, so Envoy sends no other 404 itself.
+            mapper(
+                status(404),
+                400,
+                "InvalidRequestTarget",
+                "azgate: the request target must be a path starting with /",
+            ),
+            mapper(
+                status(501),
+                400,
+                "BadRequest",
+                "azgate: the request is malformed (%RESPONSE_CODE_DETAILS%)",
+            ),
+            mapper(
+                flags(&["DF", "UF", "UH", "URX", "UO", "UR", "UC"]),
                 503,
                 "UpstreamUnavailable",
                 "azgate: Azure could not be reached: %LOCAL_REPLY_BODY%",
             ),
-            mapper(&["UT"], 504, "UpstreamTimeout", "azgate: Azure did not answer in time"),
+            mapper(flags(&["UT"]), 504, "UpstreamTimeout", "azgate: Azure did not answer in time"),
         ],
     })
 }

@@ -7,6 +7,7 @@
 
 mod config;
 mod error;
+mod http1_guard;
 mod proxy;
 mod stats;
 mod tls;
@@ -24,7 +25,10 @@ use bytes::Bytes;
 use http::{Request, Response};
 use tokio::sync::watch;
 
-pub use config::{ClientCertificateMode, ConfigError, ListenerConfig, ServeConfig, read_role_file};
+pub use config::{
+    ClientCertificateMode, ConfigError, ListenerConfig, MAX_REQUEST_HEADERS,
+    MAX_REQUEST_HEADERS_BYTES, ServeConfig, read_role_file,
+};
 pub use error::ServeError;
 pub use stats::WorkerStats;
 
@@ -143,7 +147,11 @@ pub async fn start(
         };
         println!("listener {} on {}", listener.name, sockets[0].local_addr()?);
         let connections = Arc::new(proxy::ConnectionLimit::new(listener.max_connections));
-        listeners.push((sockets, tls, connections, local_subject));
+        let timeouts = proxy::Timeouts {
+            headers: Duration::from_millis(listener.request_headers_timeout_ms),
+            request: Duration::from_millis(listener.request_timeout_ms),
+        };
+        listeners.push((sockets, tls, connections, local_subject, timeouts));
     }
 
     let ready = Arc::new(AtomicUsize::new(0));
@@ -153,7 +161,7 @@ pub async fn start(
         let stats = Arc::new(WorkerStats::default());
         all_stats.push(stats.clone());
         let mut specs = Vec::new();
-        for (sockets, tls, connections, local_subject) in &mut listeners {
+        for (sockets, tls, connections, local_subject, timeouts) in &mut listeners {
             specs.push(proxy::ListenerSpec {
                 listener: sockets.pop().ok_or_else(|| {
                     ServeError::Config("one listening socket per worker was bound".into())
@@ -161,6 +169,7 @@ pub async fn start(
                 tls: tls.clone(),
                 connections: connections.clone(),
                 local_subject: local_subject.clone(),
+                timeouts: *timeouts,
             });
         }
         let (plugin, clusters, stop, ready) = (
@@ -250,8 +259,8 @@ fn run_worker(
             request_timeout: Duration::from_millis(
                 upstream_config.request_timeout_ms.unwrap_or(60_000),
             ),
-            max_request_body_bytes: upstream_config.max_request_body_bytes.unwrap_or(32 << 20)
-                as usize,
+            max_request_body_bytes: usize::try_from(upstream_config.max_request_body_bytes())
+                .unwrap_or(usize::MAX),
         });
         let worker = worker::Worker::new(plugin, vm, clusters, stats.clone());
         let mut accepting = Vec::new();

@@ -109,11 +109,15 @@ fn tls_listener_verifies_clients_and_sets_xfcc_from_the_verified_certificate() {
     );
     let hcm = hcm(&document, 0);
     assert_eq!(hcm["forward_client_cert_details"], "SANITIZE_SET");
-    assert_eq!(hcm["set_current_client_cert_details"]["cert"], true);
+    // Only the certificate: Subject, URI and DNS are text its holder chose.
+    assert_eq!(
+        hcm["set_current_client_cert_details"],
+        json!({"cert": true})
+    );
 }
 
 #[test]
-fn wasm_filter_is_fail_closed_with_role_files_merged_into_its_configuration() {
+fn wasm_filter_reloads_a_trapped_vm_with_role_files_merged_into_its_configuration() {
     let fixture = Fixture::new("wasm", GATEWAY);
     let document = fixture.render().unwrap();
     let filters = hcm(&document, 0)["http_filters"].as_array().unwrap();
@@ -121,17 +125,20 @@ fn wasm_filter_is_fail_closed_with_role_files_merged_into_its_configuration() {
         .iter()
         .map(|f| f["name"].as_str().unwrap())
         .collect();
-    // The forward proxy must see the `:authority` the filter set, so it comes after it.
+    // The forward proxy must see the `:authority` the filter set, so it comes after it; the
+    // buffer holds the body between the filter's decision and the router.
     assert_eq!(
         names,
         [
             "envoy.filters.http.wasm",
+            "envoy.filters.http.buffer",
             "envoy.filters.http.dynamic_forward_proxy",
             "envoy.filters.http.router"
         ]
     );
     let wasm = &filters[0]["typed_config"]["config"];
-    assert_eq!(wasm["failure_policy"], "FAIL_CLOSED");
+    assert_eq!(wasm["failure_policy"], "FAIL_RELOAD");
+    assert_eq!(wasm["reload_config"]["backoff"]["base_interval"], "0.2s");
     assert_eq!(wasm["vm_config"]["runtime"], "envoy.wasm.runtime.v8");
     let plugin: Value =
         serde_json::from_str(wasm["configuration"]["value"].as_str().unwrap()).unwrap();
@@ -280,7 +287,6 @@ fn rendered_text_names_its_source_and_what_envoy_does_not_enforce() {
     assert!(text.starts_with("# Envoy configuration rendered by `azgate envoy-config`"));
     assert!(text.contains("--concurrency 4"));
     assert!(text.contains("azgate token-service --listen 127.0.0.1:50342"));
-    assert!(text.contains("max_request_body_bytes is not enforced"));
     // The YAML part parses back to the same document.
     let parsed: Value = serde_yaml::from_str(&text).unwrap();
     assert_eq!(parsed, envoy_document(&config, &fixture.options()).unwrap());
@@ -337,4 +343,120 @@ fn listen_addresses_are_tcp_or_absolute_unix_paths() {
     );
     assert!("unix:token.sock".parse::<ListenAddress>().is_err());
     assert!("localhost".parse::<ListenAddress>().is_err());
+}
+
+#[test]
+fn request_bodies_are_buffered_up_to_the_configured_limit() {
+    let fixture = Fixture::new("buffer-default", GATEWAY);
+    let buffer = |document: &Value| {
+        hcm(document, 0)["http_filters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == "envoy.filters.http.buffer")
+            .map(|f| f["typed_config"]["max_request_bytes"].clone())
+            .unwrap()
+    };
+    assert_eq!(buffer(&fixture.render().unwrap()), 32 << 20);
+    let yaml = format!("{GATEWAY}upstream:\n  max_request_body_bytes: 1000\n");
+    let fixture = Fixture::new("buffer-set", &yaml);
+    assert_eq!(buffer(&fixture.render().unwrap()), 1000);
+    // Envoy's limit is 32-bit.
+    let yaml = format!("{GATEWAY}upstream:\n  max_request_body_bytes: 4294967296\n");
+    let fixture = Fixture::new("buffer-huge", &yaml);
+    assert_eq!(
+        fixture.render().unwrap_err().field,
+        "upstream.max_request_body_bytes"
+    );
+}
+
+#[test]
+fn request_headers_and_timeouts_are_bounded_as_in_serve() {
+    let fixture = Fixture::new("bounds", GATEWAY);
+    let document = fixture.render().unwrap();
+    let manager = hcm(&document, 0);
+    assert_eq!(manager["max_request_headers_kb"], 60);
+    assert_eq!(
+        manager["common_http_protocol_options"]["max_headers_count"],
+        100
+    );
+    assert_eq!(
+        manager["http_protocol_options"]["allow_absolute_url"],
+        false
+    );
+    assert_eq!(manager["request_headers_timeout"], "10s");
+    assert_eq!(manager["request_timeout"], "60s");
+    let yaml = GATEWAY.replace(
+        "    max_connections: 500\n",
+        "    max_connections: 500\n    request_headers_timeout_ms: 2500\n    request_timeout_ms: 30000\n",
+    );
+    let fixture = Fixture::new("bounds-set", &yaml);
+    let document = fixture.render().unwrap();
+    assert_eq!(hcm(&document, 0)["request_headers_timeout"], "2.5s");
+    assert_eq!(hcm(&document, 0)["request_timeout"], "30s");
+}
+
+#[test]
+fn envoys_own_refusals_get_azgates_error_shape_and_the_filters_answers_are_left_alone() {
+    let fixture = Fixture::new("replies", GATEWAY);
+    let document = fixture.render().unwrap();
+    let mappers = hcm(&document, 0)["local_reply_config"]["mappers"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let code_of = |mapper: &Value| {
+        (
+            mapper["status_code"].as_u64().unwrap(),
+            mapper["body_format_override"]["json_format"]["error"]["code"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        )
+    };
+    let by_status: Vec<(u64, (u64, String))> = mappers
+        .iter()
+        .filter_map(|m| {
+            let status = m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"]
+                .as_u64()?;
+            Some((status, code_of(m)))
+        })
+        .collect();
+    assert_eq!(
+        by_status,
+        [
+            (408, (408, "RequestTimeout".to_owned())),
+            (413, (413, "RequestTooLarge".to_owned())),
+            (431, (431, "RequestHeaderFieldsTooLarge".to_owned())),
+            (404, (400, "InvalidRequestTarget".to_owned())),
+            (501, (400, "BadRequest".to_owned())),
+        ]
+    );
+    // Statuses matched alone must be ones the filter never answers with.
+    for (status, _) in &by_status {
+        assert!(
+            ![400, 401, 403, 405, 500, 502, 503, 504].contains(status),
+            "{status}"
+        );
+    }
+    let by_flags: Vec<(Vec<String>, (u64, String))> = mappers
+        .iter()
+        .filter_map(|m| {
+            let flags = m["filter"]["response_flag_filter"]["flags"].as_array()?;
+            let flags = flags
+                .iter()
+                .map(|f| f.as_str().unwrap().to_owned())
+                .collect();
+            Some((flags, code_of(m)))
+        })
+        .collect();
+    assert_eq!(by_flags.len(), 2, "{by_flags:?}");
+    assert_eq!(by_flags[0].1, (503, "UpstreamUnavailable".to_owned()));
+    assert_eq!(
+        by_flags[1],
+        (vec!["UT".to_owned()], (504, "UpstreamTimeout".to_owned()))
+    );
+    for mapper in &mappers {
+        let code = &mapper["body_format_override"]["json_format"]["error"]["code"];
+        assert_eq!(mapper["headers_to_add"][0]["header"]["value"], *code);
+    }
 }

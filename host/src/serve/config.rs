@@ -38,6 +38,22 @@ fn error(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::new(field, message)
 }
 
+/// Largest request header block accepted, bytes (Envoy's `max_request_headers_kb` default), in
+/// HTTP/1.1 and HTTP/2 alike; both runtimes answer 431 beyond it.
+pub const MAX_REQUEST_HEADERS_BYTES: u32 = 60 * 1024;
+
+/// Most header fields a request may carry (Envoy's `max_headers_count` default); 431 beyond.
+pub const MAX_REQUEST_HEADERS: usize = 100;
+
+/// Default `upstream.max_request_body_bytes`.
+pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 32 << 20;
+
+/// Default `listeners[].request_headers_timeout_ms`.
+pub const DEFAULT_REQUEST_HEADERS_TIMEOUT_MS: u64 = 10_000;
+
+/// Default `listeners[].request_timeout_ms`.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 60_000;
+
 /// The whole file.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,6 +98,23 @@ pub struct ListenerConfig {
     /// Open connections at once; beyond it new connections are closed at once (default 10000).
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
+    /// Time a client has to send a request's whole header block, ms (default 10000); a slower
+    /// (or idle) HTTP/1.1 connection is closed.
+    #[serde(default = "default_request_headers_timeout_ms")]
+    pub request_headers_timeout_ms: u64,
+    /// Time a client has to send a whole request, headers and body, ms (default 60000); the
+    /// request is answered 408 `RequestTimeout` after it. The body is received in full before
+    /// anything goes upstream, so this bounds a request that never ends.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+}
+
+fn default_request_headers_timeout_ms() -> u64 {
+    DEFAULT_REQUEST_HEADERS_TIMEOUT_MS
+}
+
+fn default_request_timeout_ms() -> u64 {
+    DEFAULT_REQUEST_TIMEOUT_MS
 }
 
 fn default_max_connections() -> u32 {
@@ -197,9 +230,19 @@ pub struct UpstreamConfig {
     /// Time to the response headers, ms (default 60000).
     #[serde(default)]
     pub request_timeout_ms: Option<u64>,
-    /// Largest request body forwarded, bytes (default 32 MiB).
+    /// Largest request body forwarded, bytes (default 32 MiB); 413 `RequestTooLarge` beyond.
+    /// Bodies are received in full before anything goes upstream, so this is also what one
+    /// request may hold in memory.
     #[serde(default)]
     pub max_request_body_bytes: Option<u64>,
+}
+
+impl UpstreamConfig {
+    /// `max_request_body_bytes` or its default.
+    pub fn max_request_body_bytes(&self) -> u64 {
+        self.max_request_body_bytes
+            .unwrap_or(DEFAULT_MAX_REQUEST_BODY_BYTES)
+    }
 }
 
 impl ServeConfig {
@@ -275,6 +318,17 @@ impl ServeConfig {
                     "must be at least 1",
                 ));
             }
+            for (name, value) in [
+                (
+                    "request_headers_timeout_ms",
+                    listener.request_headers_timeout_ms,
+                ),
+                ("request_timeout_ms", listener.request_timeout_ms),
+            ] {
+                if value == 0 {
+                    return Err(error(format!("listeners[{i}].{name}"), "must be positive"));
+                }
+            }
         }
         if self.workers == Some(0) {
             return Err(error("workers", "must be at least 1"));
@@ -296,8 +350,16 @@ impl ServeConfig {
                 _ => {}
             }
         }
-        if self.upstream.max_request_body_bytes == Some(0) {
-            return Err(error("upstream.max_request_body_bytes", "must be positive"));
+        match self.upstream.max_request_body_bytes {
+            Some(0) => return Err(error("upstream.max_request_body_bytes", "must be positive")),
+            // Envoy's buffer filter takes a 32-bit limit, and one request should not hold more.
+            Some(n) if n > u64::from(u32::MAX) => {
+                return Err(error(
+                    "upstream.max_request_body_bytes",
+                    format!("at most {} (4 GiB)", u32::MAX),
+                ));
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -15,6 +15,24 @@ pub enum ServeError {
     Io(std::io::Error),
     /// The request body is larger than `upstream.max_request_body_bytes`. 413 `RequestTooLarge`.
     RequestTooLarge,
+    /// The request's framing is unusable: a malformed or incomplete body, or conflicting
+    /// `Content-Length`/`Transfer-Encoding`. 400 `BadRequest`.
+    BadRequest(String),
+    /// `CONNECT` (a tunnel) or `TRACE` (it echoes the request, injected token included), never
+    /// forwarded whatever the filter decided. 405 `MethodNotAllowed`, as the filter answers.
+    MethodNotAllowed(String),
+    /// The request target is not a path (`*`, absolute-form, authority-form). 400
+    /// `InvalidRequestTarget`, as the filter answers.
+    InvalidRequestTarget,
+    /// The header block is over [`MAX_REQUEST_HEADERS_BYTES`] or [`MAX_REQUEST_HEADERS`] fields.
+    /// 431 `RequestHeaderFieldsTooLarge`.
+    ///
+    /// [`MAX_REQUEST_HEADERS_BYTES`]: super::MAX_REQUEST_HEADERS_BYTES
+    /// [`MAX_REQUEST_HEADERS`]: super::MAX_REQUEST_HEADERS
+    RequestHeaderFieldsTooLarge,
+    /// The whole request did not arrive within `listeners[].request_timeout_ms` (or its
+    /// header block within `request_headers_timeout_ms`). 408 `RequestTimeout`.
+    RequestTimeout,
     /// The filter left the request without a usable `:authority` or `:path`. 500 `InvalidUpstreamRequest`.
     InvalidUpstreamRequest(String),
     /// The filter closed the stream. 503 `StreamClosed`.
@@ -30,6 +48,10 @@ impl ServeError {
     pub fn status(&self) -> u16 {
         match self {
             Self::RequestTooLarge => 413,
+            Self::BadRequest(_) | Self::InvalidRequestTarget => 400,
+            Self::MethodNotAllowed(_) => 405,
+            Self::RequestTimeout => 408,
+            Self::RequestHeaderFieldsTooLarge => 431,
             Self::InvalidUpstreamRequest(_) | Self::Config(_) | Self::Io(_) => 500,
             Self::Filter(e) => e.status(),
             Self::StreamClosed | Self::UpstreamUnavailable(_) => 503,
@@ -43,11 +65,21 @@ impl ServeError {
             Self::Config(_) | Self::Io(_) => "InternalError",
             Self::Filter(e) => e.code(),
             Self::RequestTooLarge => "RequestTooLarge",
+            Self::BadRequest(_) => "BadRequest",
+            Self::MethodNotAllowed(_) => "MethodNotAllowed",
+            Self::InvalidRequestTarget => "InvalidRequestTarget",
+            Self::RequestHeaderFieldsTooLarge => "RequestHeaderFieldsTooLarge",
+            Self::RequestTimeout => "RequestTimeout",
             Self::InvalidUpstreamRequest(_) => "InvalidUpstreamRequest",
             Self::StreamClosed => "StreamClosed",
             Self::UpstreamTimeout => "UpstreamTimeout",
             Self::UpstreamUnavailable(_) => "UpstreamUnavailable",
         }
+    }
+
+    /// Whether Azure (not the client or the filter) is at fault.
+    pub fn is_upstream(&self) -> bool {
+        matches!(self, Self::UpstreamTimeout | Self::UpstreamUnavailable(_))
     }
 
     /// The Azure-style JSON body.
@@ -70,6 +102,18 @@ impl fmt::Display for ServeError {
             Self::Filter(e) => write!(f, "{e}"),
             Self::Io(e) => write!(f, "{e}"),
             Self::RequestTooLarge => write!(f, "the request body is too large"),
+            Self::BadRequest(e) => write!(f, "the request is malformed ({e})"),
+            Self::MethodNotAllowed(method) => write!(f, "method {method} is not allowed"),
+            Self::InvalidRequestTarget => {
+                write!(f, "the request target must be a path starting with /")
+            }
+            Self::RequestHeaderFieldsTooLarge => write!(
+                f,
+                "the request header block is too large (at most {} bytes and {} fields)",
+                super::MAX_REQUEST_HEADERS_BYTES,
+                super::MAX_REQUEST_HEADERS - 1
+            ),
+            Self::RequestTimeout => write!(f, "the request was not received in time"),
             Self::InvalidUpstreamRequest(e) => write!(f, "cannot forward the request: {e}"),
             Self::StreamClosed => write!(f, "the request filter closed the stream"),
             Self::UpstreamTimeout => write!(f, "Azure did not answer in time"),

@@ -20,13 +20,16 @@ use tokio_rustls::TlsAcceptor;
 
 use azgate_wasmhost::{HeaderList, HostError, LocalResponse, StreamInfo};
 
+use super::config::{MAX_REQUEST_HEADERS, MAX_REQUEST_HEADERS_BYTES};
 use super::error::ServeError;
+use super::http1_guard::{Http1Guard, Verdicts};
 use super::tls::{self, PeerCertificate};
 use super::upstream::{AzureClient, BoxError};
 use super::worker::{Outcome, Pending, Worker};
 
-/// Largest request header block accepted (Envoy's `max_request_headers_kb` default).
-const MAX_REQUEST_HEADERS_BYTES: u32 = 60 * 1024;
+/// The pseudo-headers a request has besides its header fields (`:method`, `:scheme`,
+/// `:authority`, `:path`), counted against [`MAX_REQUEST_HEADERS`] as Envoy counts them.
+const PSEUDO_HEADERS: usize = 4;
 
 /// Body of every response the gateway sends.
 pub(crate) type ResponseBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
@@ -46,11 +49,18 @@ pub(crate) struct ListenerSpec {
     pub(crate) connections: Arc<ConnectionLimit>,
     /// Subject of the listener's own certificate (`connection.subject_local_certificate`).
     pub(crate) local_subject: Option<String>,
+    pub(crate) timeouts: Timeouts,
 }
 
-/// A connection that has not sent a whole request header block in this time is closed (the
-/// rendered Envoy config's `request_headers_timeout`).
-const REQUEST_HEADERS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request (`listeners[].request_headers_timeout_ms`,
+/// `request_timeout_ms`; Envoy's `request_headers_timeout`, `request_timeout`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Timeouts {
+    /// The header block; an HTTP/1.1 connection that takes longer (or idles longer) is closed.
+    pub(crate) headers: Duration,
+    /// The whole request, body included; 408 after it.
+    pub(crate) request: Duration,
+}
 
 /// TLS handshakes that take longer are dropped (Envoy's `transport_socket_connect_timeout`
 /// in the rendered config), so idle sockets cannot hold connection slots.
@@ -105,6 +115,9 @@ struct Connection {
     id: u64,
     tls_version: Option<String>,
     local_subject: Option<String>,
+    timeouts: Timeouts,
+    /// The HTTP/1.1 guard's decision per request head; `None` on HTTP/2 connections.
+    verdicts: Option<Rc<Verdicts>>,
 }
 
 /// The next `connection.id`.
@@ -133,6 +146,7 @@ pub(crate) async fn serve_listener(
     let listener = TcpListener::from_std(spec.listener)?;
     let acceptor = spec.tls.map(TlsAcceptor::from);
     let local_subject = spec.local_subject;
+    let timeouts = spec.timeouts;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -160,6 +174,8 @@ pub(crate) async fn serve_listener(
                                 .and_then(|chain| chain.first())
                                 .map(|der| tls::peer_certificate(der));
                             let tls_version = stream.get_ref().1.protocol_version().map(tls::version_name);
+                            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                            let verdicts = (!h2).then(|| Rc::new(Verdicts::default()));
                             let connection = Rc::new(Connection {
                                 peer,
                                 local,
@@ -168,10 +184,20 @@ pub(crate) async fn serve_listener(
                                 id: NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed),
                                 tls_version,
                                 local_subject,
+                                timeouts,
+                                verdicts: verdicts.clone(),
                             });
-                            serve_http(worker, forwarding, connection, TokioIo::new(stream)).await;
+                            match verdicts {
+                                Some(verdicts) => {
+                                    let guarded = Http1Guard::new(stream, verdicts, timeouts.headers);
+                                    serve_http(worker, forwarding, connection, TokioIo::new(guarded)).await;
+                                }
+                                None => serve_http(worker, forwarding, connection, TokioIo::new(stream)).await,
+                            }
                         }
                         None => {
+                            // Passed through if it opens with HTTP/2's preface.
+                            let verdicts = Rc::new(Verdicts::default());
                             let connection = Rc::new(Connection {
                                 peer,
                                 local,
@@ -180,8 +206,11 @@ pub(crate) async fn serve_listener(
                                 id: NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed),
                                 tls_version: None,
                                 local_subject: None,
+                                timeouts,
+                                verdicts: Some(verdicts.clone()),
                             });
-                            serve_http(worker, forwarding, connection, TokioIo::new(tcp)).await;
+                            let guarded = Http1Guard::new(tcp, verdicts, timeouts.headers);
+                            serve_http(worker, forwarding, connection, TokioIo::new(guarded)).await;
                         }
                     }
                 });
@@ -199,22 +228,25 @@ async fn serve_http<I>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
 {
+    let headers_timeout = connection.timeouts.headers;
     let service = service_fn(move |request: Request<Incoming>| {
         let (worker, forwarding, connection) =
             (worker.clone(), forwarding.clone(), connection.clone());
         async move { Ok::<_, Infallible>(handle(worker, forwarding, connection, request).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(LocalExec);
-    // Envoy's default header limit (60 KiB), so oversized requests reach the filter's own
-    // check in both runtimes rather than failing in the codec here.
+    // HTTP/2 decodes up to twice the limit, so a block over it reaches `refuse_early` and gets
+    // an Azure-style 431 rather than the codec's bare one.
     builder
         .http2()
-        .max_header_list_size(MAX_REQUEST_HEADERS_BYTES);
+        .max_header_list_size(2 * MAX_REQUEST_HEADERS_BYTES);
+    // The HTTP/1.1 guard refuses heads over the limits and times heads out before hyper's own
+    // limits and timer (which also closes idle connections) would.
     builder
         .http1()
         .max_buf_size(MAX_REQUEST_HEADERS_BYTES as usize + 4096)
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(REQUEST_HEADERS_TIMEOUT);
+        .header_read_timeout(2 * headers_timeout);
     let _ = builder.serve_connection(io, service).await;
 }
 
@@ -246,6 +278,14 @@ async fn handle(
 ) -> Response<ResponseBody> {
     worker.stats.in_flight(true);
     let _in_flight = InFlight(worker.clone());
+    let deadline = tokio::time::Instant::now() + connection.timeouts.request;
+    let guard = match &connection.verdicts {
+        Some(verdicts) if request.version() != http::Version::HTTP_2 => verdicts.next(),
+        _ => Ok(()),
+    };
+    if let Err(error) = guard.and_then(|()| refuse_early(&request)) {
+        return answer_error(&worker, &error);
+    }
     let headers = request_headers(&request, &connection);
     let info = StreamInfo {
         source: Some(connection.peer),
@@ -280,13 +320,15 @@ async fn handle(
         }),
     };
     match outcome {
-        Outcome::Continue => match forward(&worker, &forwarding, id, request).await {
+        Outcome::Continue => match forward(&worker, &forwarding, id, request, deadline).await {
             Ok(response) => {
                 worker.stats.request("allow", "Allowed");
                 response
             }
             Err(error) => {
-                worker.stats.upstream_error();
+                if error.is_upstream() {
+                    worker.stats.upstream_error();
+                }
                 // Like the router's local replies in Envoy, this passes through the filter's
                 // response callback.
                 tracing::warn!(code = error.code(), %error, "request failed in the gateway");
@@ -311,6 +353,54 @@ async fn handle(
         Outcome::Close => answer_error(&worker, &ServeError::StreamClosed),
         Outcome::Failed(error) => answer_error(&worker, &ServeError::Filter(error)),
     }
+}
+
+/// Refuses, before the filter runs, what must never reach the filter or Azure whatever the
+/// filter would decide: a tunnel (`CONNECT`) or an echo (`TRACE`, which would return the
+/// injected token), a target that is not a path (`*`, absolute-form `https://host/…`), and a
+/// header block over Envoy's limits.
+fn refuse_early(request: &Request<Incoming>) -> Result<(), ServeError> {
+    let method = request.method();
+    if method == http::Method::CONNECT || method == http::Method::TRACE {
+        return Err(ServeError::MethodNotAllowed(method.to_string()));
+    }
+    let uri = request.uri();
+    // HTTP/2 carries the scheme and authority beside `:path`; in HTTP/1.x a URI with either is
+    // absolute-form (or CONNECT's authority-form).
+    let origin_form = request.version() == http::Version::HTTP_2
+        || (uri.scheme().is_none() && uri.authority().is_none());
+    if !origin_form || !uri.path().starts_with('/') {
+        return Err(ServeError::InvalidRequestTarget);
+    }
+    let headers = request.headers();
+    // HTTP/1.1's parser takes only tokens as names; HTTP/2's decoder takes more (RFC 9113
+    // §8.2.1 calls such a request malformed), and they could not be forwarded.
+    if let Some(name) = headers.keys().find(|name| !is_token(name.as_str())) {
+        return Err(ServeError::BadRequest(format!(
+            "header name {:?} is not a token",
+            name.as_str()
+        )));
+    }
+    // Host is HTTP/1.1's `:authority`, already among the pseudo-headers.
+    let host = usize::from(headers.contains_key(http::header::HOST));
+    let fields = headers.len() - host + PSEUDO_HEADERS;
+    let bytes: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    // Envoy refuses the 100th field (pseudo-headers included) and a block over 60 KiB.
+    if fields >= MAX_REQUEST_HEADERS || bytes > MAX_REQUEST_HEADERS_BYTES as usize {
+        return Err(ServeError::RequestHeaderFieldsTooLarge);
+    }
+    Ok(())
+}
+
+/// Whether `name` is an RFC 9110 token (`tchar`s only), which every field name must be.
+fn is_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// The request as the filter sees it: pseudo-headers first, names lower-cased, a client XFCC
@@ -390,6 +480,7 @@ async fn forward(
     forwarding: &Forwarding,
     id: u32,
     request: Request<Incoming>,
+    deadline: tokio::time::Instant,
 ) -> Result<Response<ResponseBody>, ServeError> {
     let headers = worker
         .request_headers(id)
@@ -403,8 +494,22 @@ async fn forward(
     let authority = value(":authority")
         .filter(|a| !a.is_empty())
         .ok_or_else(|| ServeError::InvalidUpstreamRequest("no :authority".into()))?;
+    // Userinfo or a path in `:authority` would move the request to another host.
+    if authority.contains(['@', '/', '?', '#']) {
+        return Err(ServeError::InvalidUpstreamRequest(
+            ":authority is not a host".into(),
+        ));
+    }
     let path = value(":path").unwrap_or_else(|| "/".into());
     let method = value(":method").unwrap_or_else(|| "GET".into());
+    // Checked again as the filter left them: whatever it decided, no tunnel, no echo, and a
+    // path that cannot be read as part of the authority.
+    if method.eq_ignore_ascii_case("CONNECT") || method.eq_ignore_ascii_case("TRACE") {
+        return Err(ServeError::MethodNotAllowed(method));
+    }
+    if !path.starts_with('/') {
+        return Err(ServeError::InvalidRequestTarget);
+    }
     let mut builder = Request::builder()
         .method(method.as_str())
         .uri(format!("https://{authority}{path}"));
@@ -414,10 +519,14 @@ async fn forward(
     {
         builder = builder.header(name.as_str(), value.as_slice());
     }
-    let limit = forwarding.max_request_body_bytes;
-    let body = Limited::new(request.into_body(), limit).boxed();
+    let body = receive_body(
+        request.into_body(),
+        forwarding.max_request_body_bytes,
+        deadline,
+    )
+    .await?;
     let upstream = builder
-        .body(body)
+        .body(Full::new(body).map_err(|never| match never {}).boxed())
         .map_err(|e| ServeError::InvalidUpstreamRequest(e.to_string()))?;
     let response = match tokio::time::timeout(
         forwarding.request_timeout,
@@ -426,16 +535,7 @@ async fn forward(
     .await
     {
         Err(_) => return Err(ServeError::UpstreamTimeout),
-        Ok(Err(error)) => {
-            let too_large = std::error::Error::source(&error)
-                .and_then(|s| s.downcast_ref::<http_body_util::LengthLimitError>())
-                .is_some();
-            return Err(if too_large {
-                ServeError::RequestTooLarge
-            } else {
-                ServeError::UpstreamUnavailable(error.to_string())
-            });
-        }
+        Ok(Err(error)) => return Err(ServeError::UpstreamUnavailable(error.to_string())),
         Ok(Ok(response)) => response,
     };
     let (mut parts, body) = response.into_parts();
@@ -486,6 +586,27 @@ async fn forward(
         parts,
         body.map_err(BoxError::from).boxed(),
     ))
+}
+
+/// The whole request body, before anything goes upstream: a body that is malformed, ends
+/// early, grows over `limit` or is still arriving at `deadline` is refused and Azure sees
+/// nothing of the request.
+async fn receive_body(
+    body: Incoming,
+    limit: usize,
+    deadline: tokio::time::Instant,
+) -> Result<Bytes, ServeError> {
+    if body.is_end_stream() {
+        return Ok(Bytes::new());
+    }
+    match tokio::time::timeout_at(deadline, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(ServeError::RequestTimeout),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+            Err(ServeError::RequestTooLarge)
+        }
+        Ok(Err(error)) => Err(ServeError::BadRequest(format!("body: {error}"))),
+    }
 }
 
 /// Runs the filter's `proxy_on_response_headers` on its own local response, as Envoy passes a
