@@ -135,6 +135,9 @@ pub struct Options {
     pub wasm: Option<PathBuf>,
     /// More plain-HTTP clusters the filter may call: (name, address).
     pub extra_clusters: Vec<(String, SocketAddr)>,
+    /// The listeners' `request_timeout_ms` (Envoy's `request_timeout`); `None`: the default
+    /// (60 s). The hostile corpus shortens it to see requests that never end answered 408.
+    pub request_timeout_ms: Option<u64>,
 }
 
 impl Options {
@@ -318,7 +321,15 @@ async fn envoy_command(
         .replace("${UPSTREAM_PORT}", &azure.addr().port().to_string())
         .replace("${CERT_DIR}", &dir.display().to_string())
         .replace("${WASM_PATH}", &options.wasm_path()?.display().to_string())
-        .replace("${PLUGIN_CONFIG}", &serde_json::to_string(plugin_config)?);
+        .replace("${PLUGIN_CONFIG}", &serde_json::to_string(plugin_config)?)
+        .replace(
+            "${REQUEST_TIMEOUT}",
+            // A protobuf Duration: seconds, with a fraction.
+            &{
+                let ms = options.request_timeout_ms.unwrap_or(60_000);
+                format!("{}.{:03}s", ms / 1000, ms % 1000)
+            },
+        );
     let extra: String = options
         .extra_clusters
         .iter()
@@ -499,12 +510,19 @@ async fn write_azgate_yaml(
             serde_json::json!({"address": addr.to_string()}),
         );
     }
+    let mut listeners = serde_json::json!([
+        {"name": "azgate_mtls", "address": ports.mtls.to_string(), "tls": tls(false)},
+        {"name": "azgate_lenient", "address": ports.lenient.to_string(), "tls": tls(true)},
+    ]);
+    if let (Some(timeout), Some(listeners)) = (options.request_timeout_ms, listeners.as_array_mut())
+    {
+        for listener in listeners {
+            listener["request_timeout_ms"] = timeout.into();
+        }
+    }
     let config = serde_json::json!({
         "workers": options.concurrency,
-        "listeners": [
-            {"name": "azgate_mtls", "address": ports.mtls.to_string(), "tls": tls(false)},
-            {"name": "azgate_lenient", "address": ports.lenient.to_string(), "tls": tls(true)},
-        ],
+        "listeners": listeners,
         "admin": {"address": ports.admin.to_string()},
         "filter": {"path": options.wasm_path()?, "config": plugin},
         "clusters": clusters,

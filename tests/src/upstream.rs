@@ -197,6 +197,9 @@ async fn answer(
         body,
     };
     let arm = (mode == Mode::Arm).then(|| arm_answer(&seen));
+    // A HEAD answer has no content (RFC 9110 §9.3.2); hyper's HTTP/2 server would send DATA
+    // frames for a non-empty body, which the gateways rightly reset as a protocol error.
+    let head = seen.method == "HEAD";
     if let Ok(mut log) = log.lock() {
         log.push(seen);
     }
@@ -208,7 +211,11 @@ async fn answer(
             .body(Full::new(Bytes::from(body.to_string())))
             .unwrap_or_default();
     }
-    let body = serde_json::json!({"value": [], "fake": "azure"}).to_string();
+    let body = if head {
+        String::new()
+    } else {
+        serde_json::json!({"value": [], "fake": "azure"}).to_string()
+    };
     Response::builder()
         .header("content-type", "application/json")
         .header("x-fake-azure", "1")
