@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::endpoint::{Cloud, EndpointPolicy};
 use crate::policy::{IdentityId, RoleRules, RoleSet};
+use crate::template::Template;
 
 /// A configuration error naming the offending field.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -240,7 +241,7 @@ fn in_range<T: PartialOrd + Copy + fmt::Display>(
 }
 
 /// Parses and validates a list of Teleport roles (JSON values, as in the `roles` field), with the
-/// gateway's rules: full resource IDs, no `*` in allow, no templates, no duplicate names. The
+/// gateway's rules: full resource IDs or Teleport templates, no `*` in allow, no duplicate names. The
 /// dev CA (`azgate ca issue`) reads role files with this too, so both sides agree on a role.
 pub fn parse_roles(values: Vec<serde_json::Value>) -> Result<RoleSet, ConfigError> {
     let mut set = RoleSet::default();
@@ -281,27 +282,23 @@ pub fn parse_roles(values: Vec<serde_json::Value>) -> Result<RoleSet, ConfigErro
             None => (Vec::new(), Vec::new()),
         };
         let mut rules = RoleRules::default();
-        for (j, id) in allow.iter().enumerate() {
+        for (j, value) in allow.iter().enumerate() {
             let field = at(&format!(".spec.allow.azure_identities[{j}]"));
-            check_not_template(&field, id)?;
-            if id == "*" {
+            if value == "*" {
                 return Err(field_error(
                     field,
                     "\"*\" is not allowed in allow rules (Teleport refuses it too); list identities",
                 ));
             }
-            let id = IdentityId::parse(id).map_err(|e| field_error(field, e))?;
-            rules.allow.push(id.as_str().to_string());
+            rules.allow.push(role_value(&field, value)?);
         }
-        for (j, id) in deny.iter().enumerate() {
+        for (j, value) in deny.iter().enumerate() {
             let field = at(&format!(".spec.deny.azure_identities[{j}]"));
-            check_not_template(&field, id)?;
-            if id == "*" {
+            if value == "*" {
                 rules.deny_all = true;
                 continue;
             }
-            let id = IdentityId::parse(id).map_err(|e| field_error(field, e))?;
-            rules.deny.push(id.folded().to_string());
+            rules.deny.push(role_value(&field, value)?);
         }
         if !set.insert(name.clone(), rules) {
             return Err(field_error(
@@ -313,16 +310,15 @@ pub fn parse_roles(values: Vec<serde_json::Value>) -> Result<RoleSet, ConfigErro
     Ok(set)
 }
 
-/// Teleport expands `{{internal.azure_identities}}` from user traits on the auth server; the
-/// filter has no traits, so a template would silently match nothing. Refuse it loudly instead.
-fn check_not_template(field: &str, value: &str) -> Result<(), ConfigError> {
-    if value.contains("{{") {
-        return Err(field_error(
-            field,
-            "role templates cannot be expanded by the gateway; list identities explicitly",
-        ));
+/// One `azure_identities` value: a template (expanded per request from the caller's traits), or
+/// a literal that must be a full managed-identity resource ID.
+fn role_value(field: &str, value: &str) -> Result<Template, ConfigError> {
+    let template = Template::parse(value).map_err(|e| field_error(field, e))?;
+    if template.is_literal() {
+        let id = IdentityId::parse(value).map_err(|e| field_error(field, e))?;
+        return Ok(Template::Literal(id.as_str().to_string()));
     }
-    Ok(())
+    Ok(template)
 }
 
 #[cfg(test)]
@@ -375,12 +371,20 @@ mod tests {
     }
 
     #[test]
-    fn templates_duplicates_and_missing_names_are_refused() {
-        let err = parse(
-            serde_json::json!({"roles": [role("a", &["{{internal.azure_identities}}"], &[])]}),
-        )
-        .unwrap_err();
-        assert!(err.message.contains("templates"));
+    fn templates_load_unless_malformed_and_duplicates_and_missing_names_are_refused() {
+        // The preset `access` role's value, and a deny template.
+        let config = parse(serde_json::json!({"roles": [role(
+            "access",
+            &["{{internal.azure_identities}}"],
+            &["{{external.denied_identities}}"],
+        )]}))
+        .unwrap();
+        assert!(config.roles.role("access").is_some());
+        let err =
+            parse(serde_json::json!({"roles": [role("a", &[ID], &["{{internal.nonsense}}"])]}))
+                .unwrap_err();
+        assert_eq!(err.field, "roles[0].spec.deny.azure_identities[0]");
+        assert!(err.message.contains("internal trait"), "{}", err.message);
         let err =
             parse(serde_json::json!({"roles": [role("a", &[ID], &[]), role("a", &[ID], &[])]}))
                 .unwrap_err();

@@ -251,9 +251,12 @@ fn decide_into(
         }
     };
 
-    config
-        .roles
-        .check(&cert.roles, &selected, &cert.allowed_identities)?;
+    config.roles.check(
+        &cert.roles,
+        &cert.traits,
+        &selected,
+        &cert.allowed_identities,
+    )?;
     let target = config.endpoints.target(&view.forwarded_host)?;
     audit.target = Some(target.clone());
 
@@ -378,6 +381,7 @@ mod tests {
             roles: vec![],
             selected_identity: None,
             allowed_identities: vec![],
+            traits: Default::default(),
             not_before: 0,
             not_after: i64::MAX,
             public_key: crate::jwt::tests::public(key),

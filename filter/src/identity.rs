@@ -6,6 +6,8 @@
 //! 1.3.9999.1.17 attribute an identity the user may assume. The host has already verified the
 //! chain; this module only reads what the certificate says and its validity period.
 
+use std::collections::BTreeMap;
+
 use der::asn1::{Ia5StringRef, PrintableStringRef, Utf8StringRef};
 use der::oid::ObjectIdentifier;
 use der::{Decode, Encode, Tag, Tagged};
@@ -16,10 +18,13 @@ use x509_cert::Certificate;
 use x509_cert::ext::pkix::{BasicConstraints, ExtendedKeyUsage};
 
 use crate::error::Refusal;
+use crate::template::Traits;
 
 const OID_COMMON_NAME: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.3");
 const OID_ORGANIZATION: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.10");
 /// Teleport: the selected Azure identity.
+/// Teleport writes every user trait, as JSON, in the Subject's PostalCode.
+const OID_POSTAL_CODE: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.17");
 const OID_AZURE_IDENTITY: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.9999.1.16");
 /// Teleport: one allowed Azure identity per attribute.
 const OID_AZURE_IDENTITIES: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.9999.1.17");
@@ -91,6 +96,8 @@ pub struct AppIdentity {
     pub selected_identity: Option<String>,
     /// OID 1.3.9999.1.17 attributes.
     pub allowed_identities: Vec<String>,
+    /// The user's traits (PostalCode JSON); empty when the certificate has none.
+    pub traits: Traits,
     /// NotBefore, Unix seconds.
     pub not_before: i64,
     /// NotAfter, Unix seconds.
@@ -330,6 +337,7 @@ fn identity_from_certificate(cert: &Certificate, der: &[u8]) -> Result<AppIdenti
     let mut roles = Vec::new();
     let mut selected_identity = None;
     let mut allowed_identities = Vec::new();
+    let mut traits = None;
     for rdn in tbs.subject.0.iter() {
         for attr in rdn.0.iter() {
             let wanted = [
@@ -337,6 +345,7 @@ fn identity_from_certificate(cert: &Certificate, der: &[u8]) -> Result<AppIdenti
                 OID_ORGANIZATION,
                 OID_AZURE_IDENTITY,
                 OID_AZURE_IDENTITIES,
+                OID_POSTAL_CODE,
             ];
             if !wanted.contains(&attr.oid) {
                 continue;
@@ -363,6 +372,14 @@ fn identity_from_certificate(cert: &Certificate, der: &[u8]) -> Result<AppIdenti
                         ));
                     }
                 }
+                OID_POSTAL_CODE => {
+                    if traits.replace(parse_traits(&value)?).is_some() {
+                        return Err(Refusal::InvalidClientCertificate(
+                            "the certificate carries more than one set of traits (PostalCode)"
+                                .into(),
+                        ));
+                    }
+                }
                 _ => allowed_identities.push(value),
             }
         }
@@ -378,11 +395,26 @@ fn identity_from_certificate(cert: &Certificate, der: &[u8]) -> Result<AppIdenti
         roles,
         selected_identity: selected_identity.filter(|s| !s.is_empty()),
         allowed_identities,
+        traits: traits.unwrap_or_default(),
         not_before: seconds(&tbs.validity.not_before),
         not_after: seconds(&tbs.validity.not_after),
         public_key: public_key(&tbs.subject_public_key_info)?,
         fingerprint: Sha256::digest(der).into(),
     })
+}
+
+/// Teleport's traits JSON: an object of string lists (Go writes a missing list as `null`).
+/// Anything else means the certificate was not written by Teleport's encoder.
+fn parse_traits(json: &str) -> Result<Traits, Refusal> {
+    let raw: BTreeMap<String, Option<Vec<String>>> = serde_json::from_str(json).map_err(|_| {
+        Refusal::InvalidClientCertificate(
+            "the certificate's traits (PostalCode) are not a JSON object of string lists".into(),
+        )
+    })?;
+    Ok(raw
+        .into_iter()
+        .map(|(name, values)| (name, values.unwrap_or_default()))
+        .collect())
 }
 
 /// Reads a directory-string attribute value (Go writes PrintableString or UTF8String).
@@ -551,6 +583,14 @@ mod tests {
         /// A certificate for CN=alice, signed by a fixed key, with `usages` as its EKU
         /// extensions (one extension per list; none for an empty slice).
         fn certificate(profile: Profile, usages: &[&[ObjectIdentifier]]) -> String {
+            certificate_for("CN=alice,O=dev", profile, usages)
+        }
+
+        fn certificate_for(
+            subject: &str,
+            profile: Profile,
+            usages: &[&[ObjectIdentifier]],
+        ) -> String {
             let key = p256::ecdsa::SigningKey::from_slice(&[5u8; 32]).unwrap();
             let spki = SubjectPublicKeyInfoOwned::from_der(
                 key.verifying_key().to_public_key_der().unwrap().as_bytes(),
@@ -560,7 +600,7 @@ mod tests {
                 profile,
                 SerialNumber::from(7u32),
                 Validity::from_now(Duration::from_secs(600)).unwrap(),
-                Name::from_str("CN=alice,O=dev").unwrap(),
+                Name::from_str(subject).unwrap(),
                 spki,
                 &key,
             )
@@ -593,6 +633,40 @@ mod tests {
 
         fn hex(bytes: &[u8]) -> String {
             bytes.iter().map(|b| format!("{b:02x}")).collect()
+        }
+
+        #[test]
+        fn traits_are_read_from_the_postal_code_json() {
+            let with = |postal: &str| {
+                certificate_for(
+                    &format!("CN=alice,O=access,2.5.4.17={postal}"),
+                    leaf(),
+                    &[&[OID_CLIENT_AUTH]],
+                )
+            };
+            // RFC 4514 escapes for `"` and `,` in the JSON.
+            let pem = with(r#"{\"azure_identities\":[\"/a\"\,\"/b\"]\,\"logins\":null}"#);
+            let identity = parse_app_certificate(&pem).unwrap();
+            assert_eq!(identity.traits["azure_identities"], ["/a", "/b"]);
+            assert!(identity.traits["logins"].is_empty());
+            // No PostalCode: no traits.
+            let pem = certificate(leaf(), &[&[OID_CLIENT_AUTH]]);
+            assert!(parse_app_certificate(&pem).unwrap().traits.is_empty());
+            for bad in [
+                "not json",
+                r#"[\"a\"]"#,
+                r#"{\"x\":\"a\"}"#,
+                r#"{\"x\":[1]}"#,
+            ] {
+                let err = parse_app_certificate(&with(bad)).unwrap_err();
+                assert_eq!(err.code(), "InvalidClientCertificate", "{bad}");
+            }
+            let twice = certificate_for(
+                "CN=alice,2.5.4.17={},2.5.4.17={}",
+                leaf(),
+                &[&[OID_CLIENT_AUTH]],
+            );
+            assert!(parse_app_certificate(&twice).is_err());
         }
 
         #[test]

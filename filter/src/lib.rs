@@ -19,6 +19,7 @@ pub mod identity;
 pub mod imds;
 pub mod jwt;
 pub mod policy;
+pub mod template;
 pub mod token_cache;
 
 #[cfg(target_arch = "wasm32")]

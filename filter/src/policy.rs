@@ -4,11 +4,14 @@
 //! case-insensitively; `*` is refused in `allow` and means "every identity" in `deny`; deny wins;
 //! unknown role names grant nothing. On top of the roles, the selected identity must be one of the
 //! identities the certificate itself lists (OID 1.3.9999.1.17), because that list is what the
-//! issuer computed when it minted the certificate.
+//! issuer computed when it minted the certificate. Role values may be templates
+//! (`{{internal.azure_identities}}`, see [`crate::template`]), expanded per request from the
+//! traits in the caller's certificate; deny templates expand too.
 
 use std::collections::HashMap;
 
 use crate::error::Refusal;
+use crate::template::{Template, Traits};
 
 /// A managed identity's ARM resource ID, validated and kept in its original spelling, with a
 /// lower-cased copy for comparisons.
@@ -81,19 +84,53 @@ impl IdentityId {
     }
 }
 
-/// One role's `azure_identities` rules, already validated.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// One role's `azure_identities` rules, already validated: literal IDs and templates.
+#[derive(Clone, Debug, Default)]
 pub struct RoleRules {
-    /// IDs this role allows, as written (compared case-insensitively).
-    pub allow: Vec<String>,
-    /// Folded IDs this role denies.
-    pub deny: Vec<String>,
-    /// `deny` contained `*`.
+    /// What this role allows: validated IDs as written, or templates (compared
+    /// case-insensitively once expanded).
+    pub allow: Vec<Template>,
+    /// What this role denies; an expansion to `*` denies everything, as a literal `*` does.
+    pub deny: Vec<Template>,
+    /// `deny` contained a literal `*`.
     pub deny_all: bool,
 }
 
+impl RoleRules {
+    /// The identities this role allows a user with `traits`: literals, and expansions that are
+    /// valid identity IDs (anything else, `*` included, grants nothing).
+    fn allowed(&self, traits: &Traits) -> Vec<String> {
+        let mut out = Vec::new();
+        for template in &self.allow {
+            if template.is_literal() {
+                out.extend(template.expand(traits));
+                continue;
+            }
+            out.extend(
+                template
+                    .expand(traits)
+                    .iter()
+                    .filter_map(|value| IdentityId::parse(value).ok())
+                    .map(|id| id.as_str().to_string()),
+            );
+        }
+        out
+    }
+
+    /// Whether this role denies `folded` (a lower-cased identity ID) to a user with `traits`.
+    fn denies(&self, traits: &Traits, folded: &str) -> bool {
+        self.deny_all
+            || self.deny.iter().any(|template| {
+                template
+                    .expand(traits)
+                    .iter()
+                    .any(|value| value == "*" || value.eq_ignore_ascii_case(folded))
+            })
+    }
+}
+
 /// The roles the configuration defines, by role name (case-sensitive, as in Teleport).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct RoleSet {
     roles: HashMap<String, RoleRules>,
 }
@@ -119,56 +156,55 @@ impl RoleSet {
         self.roles.get(name)
     }
 
-    /// The identities a user holding `user_roles` may assume, as Teleport computes them when it
-    /// issues an app certificate: every identity some role allows, minus every identity any role
-    /// denies (`*` in a deny rule denies all). Spelling is the first allow rule's; duplicates
-    /// (case-insensitively) are listed once, in role order.
-    pub fn allowed_identities(&self, user_roles: &[String]) -> Vec<String> {
+    /// The identities a user holding `user_roles` with `traits` may assume, as Teleport computes
+    /// them when it issues an app certificate: every identity some role allows, minus every
+    /// identity any role denies (`*` in a deny rule denies all). Spelling is the first allow
+    /// rule's; duplicates (case-insensitively) are listed once, in role order.
+    pub fn allowed_identities(&self, user_roles: &[String], traits: &Traits) -> Vec<String> {
         let rules: Vec<&RoleRules> = user_roles
             .iter()
             .filter_map(|name| self.roles.get(name))
             .collect();
-        if rules.iter().any(|r| r.deny_all) {
-            return Vec::new();
-        }
         let mut allowed: Vec<String> = Vec::new();
-        for id in rules.iter().flat_map(|r| &r.allow) {
-            let denied = rules
-                .iter()
-                .any(|r| r.deny.iter().any(|d| d.eq_ignore_ascii_case(id)));
-            if !denied && !allowed.iter().any(|a| a.eq_ignore_ascii_case(id)) {
-                allowed.push(id.clone());
+        for id in rules.iter().flat_map(|r| r.allowed(traits)) {
+            let folded = id.to_ascii_lowercase();
+            let denied = rules.iter().any(|r| r.denies(traits, &folded));
+            if !denied && !allowed.iter().any(|a| a.eq_ignore_ascii_case(&id)) {
+                allowed.push(id);
             }
         }
         allowed
     }
 
-    /// Decides whether a user holding `user_roles` may use `selected`, given the identities the
-    /// certificate lists as allowed.
+    /// Decides whether a user holding `user_roles` with `traits` may use `selected`, given the
+    /// identities the certificate lists as allowed.
     pub fn check(
         &self,
         user_roles: &[String],
+        traits: &Traits,
         selected: &IdentityId,
         cert_allowed: &[String],
     ) -> Result<(), Refusal> {
         let wanted = selected.folded();
-        let known: Vec<&RoleRules> = user_roles
-            .iter()
-            .filter_map(|name| self.roles.get(name))
-            .collect();
         if let Some(denier) = user_roles.iter().find(|name| {
             self.roles
                 .get(*name)
-                .is_some_and(|r| r.deny_all || r.deny.iter().any(|d| d == wanted))
+                .is_some_and(|r| r.denies(traits, wanted))
         }) {
             return Err(Refusal::IdentityNotAllowed(format!(
                 "Azure identity {:?} is denied by role {denier:?}",
                 selected.name()
             )));
         }
-        if !known
+        let allows = |r: &RoleRules| {
+            r.allowed(traits)
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(wanted))
+        };
+        if !user_roles
             .iter()
-            .any(|r| r.allow.iter().any(|a| a.eq_ignore_ascii_case(wanted)))
+            .filter_map(|name| self.roles.get(name))
+            .any(allows)
         {
             return Err(Refusal::IdentityNotAllowed(format!(
                 "none of the roles [{}] allows Azure identity {:?}",
@@ -198,21 +234,21 @@ mod tests {
         set.insert(
             "azure-reader".into(),
             RoleRules {
-                allow: vec![READER.to_ascii_lowercase()],
+                allow: vec![lit(READER)],
                 ..Default::default()
             },
         );
         set.insert(
             "azure-admin".into(),
             RoleRules {
-                allow: vec![ADMIN.to_ascii_lowercase(), READER.to_ascii_lowercase()],
+                allow: vec![lit(ADMIN), lit(READER)],
                 ..Default::default()
             },
         );
         set.insert(
             "no-admin".into(),
             RoleRules {
-                deny: vec![ADMIN.to_ascii_lowercase()],
+                deny: vec![lit(&ADMIN.to_ascii_lowercase())],
                 ..Default::default()
             },
         );
@@ -226,6 +262,10 @@ mod tests {
         set
     }
 
+    fn lit(s: &str) -> Template {
+        Template::Literal(s.to_string())
+    }
+
     fn id(s: &str) -> IdentityId {
         IdentityId::parse(s).unwrap()
     }
@@ -237,7 +277,12 @@ mod tests {
     #[test]
     fn allowed_identity_in_certificate_passes() {
         roles()
-            .check(&names(&["azure-reader"]), &id(READER), &names(&[READER]))
+            .check(
+                &names(&["azure-reader"]),
+                &Traits::new(),
+                &id(READER),
+                &names(&[READER]),
+            )
             .unwrap();
     }
 
@@ -249,6 +294,7 @@ mod tests {
         roles()
             .check(
                 &names(&["azure-reader"]),
+                &Traits::new(),
                 &id(&upper),
                 &names(&[&READER.to_ascii_lowercase()]),
             )
@@ -260,6 +306,7 @@ mod tests {
         let err = roles()
             .check(
                 &names(&["azure-admin", "no-admin"]),
+                &Traits::new(),
                 &id(ADMIN),
                 &names(&[ADMIN]),
             )
@@ -273,6 +320,7 @@ mod tests {
         let err = roles()
             .check(
                 &names(&["azure-reader", "lockdown"]),
+                &Traits::new(),
                 &id(READER),
                 &names(&[READER]),
             )
@@ -283,7 +331,12 @@ mod tests {
     #[test]
     fn unknown_roles_grant_nothing() {
         let err = roles()
-            .check(&names(&["ghost"]), &id(READER), &names(&[READER]))
+            .check(
+                &names(&["ghost"]),
+                &Traits::new(),
+                &id(READER),
+                &names(&[READER]),
+            )
             .unwrap_err();
         assert_eq!(err.code(), "IdentityNotAllowed");
     }
@@ -291,7 +344,12 @@ mod tests {
     #[test]
     fn role_must_allow_the_selected_identity() {
         let err = roles()
-            .check(&names(&["azure-reader"]), &id(ADMIN), &names(&[ADMIN]))
+            .check(
+                &names(&["azure-reader"]),
+                &Traits::new(),
+                &id(ADMIN),
+                &names(&[ADMIN]),
+            )
             .unwrap_err();
         assert_eq!(err.code(), "IdentityNotAllowed");
     }
@@ -299,7 +357,12 @@ mod tests {
     #[test]
     fn selected_identity_must_be_listed_in_the_certificate() {
         let err = roles()
-            .check(&names(&["azure-admin"]), &id(ADMIN), &names(&[READER]))
+            .check(
+                &names(&["azure-admin"]),
+                &Traits::new(),
+                &id(ADMIN),
+                &names(&[READER]),
+            )
             .unwrap_err();
         assert_eq!(err.code(), "IdentityNotInCertificate");
     }
@@ -327,20 +390,73 @@ mod tests {
         let set = roles();
         let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(
-            set.allowed_identities(&names(&["azure-admin"])),
-            [ADMIN.to_ascii_lowercase(), READER.to_ascii_lowercase()]
+            set.allowed_identities(&names(&["azure-admin"]), &Traits::new()),
+            [ADMIN, READER]
         );
         // Deny in another role removes the identity; duplicates are listed once.
         assert_eq!(
-            set.allowed_identities(&names(&["azure-admin", "azure-reader", "no-admin"])),
-            [READER.to_ascii_lowercase()]
+            set.allowed_identities(
+                &names(&["azure-admin", "azure-reader", "no-admin"]),
+                &Traits::new()
+            ),
+            [READER]
         );
         // `*` in deny removes everything; unknown roles grant nothing.
         assert!(
-            set.allowed_identities(&names(&["azure-admin", "lockdown"]))
+            set.allowed_identities(&names(&["azure-admin", "lockdown"]), &Traits::new())
                 .is_empty()
         );
-        assert!(set.allowed_identities(&names(&["ghost"])).is_empty());
+        assert!(
+            set.allowed_identities(&names(&["ghost"]), &Traits::new())
+                .is_empty()
+        );
         assert!(set.role("azure-reader").is_some() && set.role("ghost").is_none());
+    }
+
+    #[test]
+    fn templates_expand_from_the_callers_traits_in_allow_and_deny() {
+        let template = |t: &str| Template::parse(t).unwrap();
+        let mut set = RoleSet::default();
+        set.insert(
+            "access".into(),
+            RoleRules {
+                allow: vec![template("{{internal.azure_identities}}")],
+                ..Default::default()
+            },
+        );
+        set.insert(
+            "no-team-admin".into(),
+            RoleRules {
+                deny: vec![template("{{external.denied}}")],
+                ..Default::default()
+            },
+        );
+        let traits = |pairs: &[(&str, &[&str])]| -> Traits {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect()))
+                .collect()
+        };
+        let alice = traits(&[("azure_identities", &[READER, ADMIN, "not-an-id", "*"])]);
+        let roles = names(&["access", "no-team-admin"]);
+        // Invalid IDs and `*` from a trait grant nothing.
+        assert_eq!(set.allowed_identities(&roles, &alice), [READER, ADMIN]);
+        set.check(&roles, &alice, &id(ADMIN), &names(&[ADMIN]))
+            .unwrap();
+        // No trait: the template grants nothing.
+        let err = set
+            .check(&roles, &Traits::new(), &id(READER), &names(&[READER]))
+            .unwrap_err();
+        assert_eq!(err.code(), "IdentityNotAllowed");
+        // A deny template expands too; to `*` it denies everything.
+        let mut bob = alice.clone();
+        bob.insert("denied".into(), vec![ADMIN.to_ascii_uppercase()]);
+        assert_eq!(set.allowed_identities(&roles, &bob), [READER]);
+        assert!(
+            set.check(&roles, &bob, &id(ADMIN), &names(&[ADMIN]))
+                .is_err()
+        );
+        bob.insert("denied".into(), vec!["*".into()]);
+        assert!(set.allowed_identities(&roles, &bob).is_empty());
     }
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use azgate_filter::config::parse_roles;
 use azgate_filter::policy::RoleSet;
+use azgate_filter::template::Traits;
 use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey, LineEnding};
 use rand_core::{OsRng, RngCore};
 use rsa::pkcs1::DecodeRsaPrivateKey;
@@ -626,7 +627,9 @@ pub fn allowed_identities(
             "role {unknown:?} is not defined in the role files"
         )));
     }
-    Ok(roles.allowed_identities(user_roles))
+    // The dev CA writes no traits yet, so templates (`{{internal.azure_identities}}`) expand to
+    // nothing here, as they would in Teleport for a user without the trait.
+    Ok(roles.allowed_identities(user_roles, &Traits::new()))
 }
 
 /// Chooses the identity for the certificate as `tsh apps login --azure-identity` does: with no
