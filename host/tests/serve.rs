@@ -14,7 +14,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use azgate::serve::{ServeConfig, start};
+use azgate::serve::{ServeConfig, read_role_file, start};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
@@ -232,9 +232,55 @@ fn teleport_role_files_are_appended_to_the_filter_roles() {
         .unwrap_err()
         .to_string();
     assert!(
-        error.contains("bad.yaml") && error.contains("kind: role"),
+        error.contains("bad.yaml") && error.contains("expected \"role\""),
         "{error}"
     );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `tctl get roles` (YAML documents) and `tctl get roles --format=json` (an array; the JSON
+/// fixture is the YAML one converted) load unchanged, preset roles included, with one rule set:
+/// versions v3 to v8, templates allowed.
+#[test]
+fn role_files_load_as_tctl_writes_them() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/teleport");
+    let yaml = read_role_file(&fixtures.join("preset-roles.yaml")).expect("YAML loads");
+    let json = read_role_file(&fixtures.join("preset-roles.json")).expect("JSON loads");
+    assert_eq!(yaml, json);
+    let names: Vec<&str> = yaml
+        .iter()
+        .map(|r| r["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["access", "editor", "auditor"]);
+    let roles = azgate_filter::config::parse_roles(yaml).unwrap();
+    let alice: azgate_filter::template::Traits = [(
+        "azure_identities".to_string(),
+        vec![
+            "/subscriptions/0/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/reader"
+                .to_string(),
+        ],
+    )]
+    .into();
+    let all = ["access", "editor", "auditor"].map(String::from);
+    assert_eq!(roles.allowed_identities(&all, &alice).len(), 1);
+    assert!(roles.allowed_identities(&all[1..], &alice).is_empty());
+
+    let dir = temp_dir("role-versions");
+    for (i, (text, ok)) in [
+        ("{kind: role, version: v3, metadata: {name: a}}", true),
+        ("[{kind: role, version: v8, metadata: {name: a}}, {kind: role, version: v4, metadata: {name: b}}]", true),
+        ("{\"kind\": \"role\", \"version\": \"v5\", \"metadata\": {\"name\": \"a\"}}", true),
+        ("{kind: role, version: v9, metadata: {name: a}}", false),
+        ("{kind: role, version: v2, metadata: {name: a}}", false),
+        ("{kind: role, version: v7, metadata: {name: a}, spec: {allow: {azure_identities: ['{{internal.nope}}']}}}", false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let path = dir.join(format!("role-{i}.yaml"));
+        std::fs::write(&path, text).unwrap();
+        assert_eq!(read_role_file(&path).is_ok(), ok, "{text}");
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
 

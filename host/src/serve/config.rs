@@ -393,33 +393,24 @@ impl ServeConfig {
     }
 }
 
-/// Reads a Teleport role YAML file (one or several `---`-separated documents).
+/// Reads a Teleport role file as `tctl` writes it: YAML (`tctl get roles`, documents separated
+/// by `---`) or JSON (`tctl get roles --format=json`: an array, or one object). Each role is
+/// validated by the filter's own rules ([`azgate_filter::config::parse_roles`]: kind, versions
+/// v3–v8, identities and templates), so errors name this file.
 pub fn read_role_file(path: &Path) -> Result<Vec<serde_json::Value>, ConfigError> {
     let field = format!("filter.role_files: {}", path.display());
     let text = std::fs::read_to_string(path).map_err(|e| error(&field, e.to_string()))?;
     let mut roles = Vec::new();
+    // JSON is YAML, so one parser reads both.
     for document in serde_yaml::Deserializer::from_str(&text) {
         let value: serde_json::Value =
             serde_json::Value::deserialize(document).map_err(|e| error(&field, e.to_string()))?;
-        if value.is_null() {
-            continue;
+        match value {
+            serde_json::Value::Null => {}
+            serde_json::Value::Array(list) => roles.extend(list),
+            other => roles.push(other),
         }
-        if value["kind"] != "role" {
-            return Err(error(
-                &field,
-                format!("expected kind: role, got {}", value["kind"]),
-            ));
-        }
-        match value["version"].as_str() {
-            Some("v5" | "v6" | "v7") => {}
-            other => {
-                return Err(error(
-                    &field,
-                    format!("unsupported role version {other:?} (v5, v6 or v7)"),
-                ));
-            }
-        }
-        roles.push(value);
     }
+    azgate_filter::config::parse_roles(roles.clone()).map_err(|e| error(&field, e.to_string()))?;
     Ok(roles)
 }
