@@ -10,6 +10,7 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::endpoint::{Cloud, EndpointPolicy};
+use crate::identity::CertificateRules;
 use crate::policy::{IdentityId, RoleRules, RoleSet};
 use crate::template::Template;
 
@@ -66,6 +67,9 @@ pub struct Config {
     pub verified_token_cache_size: usize,
     /// How often a worker waiting for another worker's token fetch looks at shared data, ms.
     pub token_wait_poll_ms: u64,
+    /// What a certificate's usage and route must be (`required_usage`, `allowed_apps`,
+    /// `allowed_clusters`).
+    pub certificate: CertificateRules,
 }
 
 impl Default for Config {
@@ -82,6 +86,7 @@ impl Default for Config {
             clock_skew_s: 60,
             verified_token_cache_size: 1024,
             token_wait_poll_ms: 10,
+            certificate: CertificateRules::default(),
         }
     }
 }
@@ -100,6 +105,9 @@ struct RawConfig {
     clock_skew_s: Option<i64>,
     verified_token_cache_size: Option<usize>,
     token_wait_poll_ms: Option<u64>,
+    required_usage: Option<String>,
+    allowed_apps: Option<Vec<String>>,
+    allowed_clusters: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -218,6 +226,14 @@ impl Config {
                 defaults.token_wait_poll_ms,
                 1..=1_000,
             )?,
+            certificate: CertificateRules {
+                required_usage: raw
+                    .required_usage
+                    .map(|v| non_empty("required_usage", Some(v), String::new()))
+                    .transpose()?,
+                allowed_apps: names_list("allowed_apps", raw.allowed_apps)?,
+                allowed_clusters: names_list("allowed_clusters", raw.allowed_clusters)?,
+            },
         };
         Ok(config)
     }
@@ -238,6 +254,24 @@ fn in_range<T: PartialOrd + Copy + fmt::Display>(
             format!("{value} is outside {}..={}", range.start(), range.end()),
         ))
     }
+}
+
+/// An optional list of names: absent is empty (accept any); present must name at least one,
+/// none empty.
+fn names_list(field: &str, value: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
+    let Some(names) = value else {
+        return Ok(Vec::new());
+    };
+    if names.is_empty() {
+        return Err(field_error(
+            field,
+            "must name at least one (leave it out to accept any)",
+        ));
+    }
+    if let Some(i) = names.iter().position(|n| n.trim().is_empty()) {
+        return Err(field_error(format!("{field}[{i}]"), "must not be empty"));
+    }
+    Ok(names)
 }
 
 /// Parses and validates a list of Teleport roles (JSON values, as in the `roles` field), with the
@@ -391,6 +425,38 @@ mod tests {
         assert_eq!(err.field, "roles[1].metadata.name");
         let err = parse(serde_json::json!({"roles": [{"spec": {}}]})).unwrap_err();
         assert_eq!(err.field, "roles[0].metadata.name");
+    }
+
+    #[test]
+    fn certificate_rules_are_optional_and_never_empty() {
+        let config = parse(serde_json::json!({"roles": []})).unwrap();
+        assert_eq!(config.certificate, CertificateRules::default());
+        let config = parse(
+            serde_json::json!({"roles": [], "required_usage": "usage:apps",
+            "allowed_apps": ["azure-cli"], "allowed_clusters": ["teleport.example.com"]}),
+        )
+        .unwrap();
+        assert_eq!(
+            config.certificate.required_usage.as_deref(),
+            Some("usage:apps")
+        );
+        assert_eq!(config.certificate.allowed_apps, ["azure-cli"]);
+        for (bad, field) in [
+            (
+                serde_json::json!({"roles": [], "allowed_apps": []}),
+                "allowed_apps",
+            ),
+            (
+                serde_json::json!({"roles": [], "allowed_clusters": [" "]}),
+                "allowed_clusters[0]",
+            ),
+            (
+                serde_json::json!({"roles": [], "required_usage": ""}),
+                "required_usage",
+            ),
+        ] {
+            assert_eq!(parse(bad).unwrap_err().field, field);
+        }
     }
 
     #[test]

@@ -225,6 +225,7 @@ fn decide_into(
         audit.target = Some(printable(host));
     }
     cert.check_validity(now, config.clock_skew_s)?;
+    cert.check_route(&config.certificate)?;
     let selected = cert.selected_identity.as_deref().ok_or_else(|| {
         Refusal::NoIdentitySelected(
             "the certificate selects no Azure identity; log in with --azure-identity".into(),
@@ -382,6 +383,9 @@ mod tests {
             selected_identity: None,
             allowed_identities: vec![],
             traits: Default::default(),
+            usage: vec![],
+            app_name: None,
+            app_cluster: None,
             not_before: 0,
             not_after: i64::MAX,
             public_key: crate::jwt::tests::public(key),

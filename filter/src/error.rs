@@ -47,6 +47,10 @@ pub enum Refusal {
     MissingForwardedHost(String),
     /// No `Authorization` header, and unauthenticated forwarding is off. 401 `MissingToken`.
     MissingToken(String),
+    /// The certificate is not for this gateway: its usage (OU), app name or cluster is not one
+    /// the configuration accepts (`required_usage`, `allowed_apps`, `allowed_clusters`).
+    /// 403 `CertificateNotForThisApp`.
+    CertificateNotForThisApp(String),
     /// The certificate selects no Azure identity (OID 1.3.9999.1.16). 403 `NoIdentitySelected`.
     NoIdentitySelected(String),
     /// The target host is not an enabled Azure endpoint. 403 `NotAnAzureEndpoint`.
@@ -81,7 +85,8 @@ impl Refusal {
             | Self::MissingToken(_)
             | Self::TokenExpired(_)
             | Self::TokenNotYetValid(_) => 401,
-            Self::IdentityNotAllowed(_)
+            Self::CertificateNotForThisApp(_)
+            | Self::IdentityNotAllowed(_)
             | Self::IdentityNotInCertificate(_)
             | Self::NoIdentitySelected(_)
             | Self::NotAnAzureEndpoint(_) => 403,
@@ -96,6 +101,7 @@ impl Refusal {
     /// The stable error code: the JSON `error.code` and the `x-azgate-error` header.
     pub fn code(&self) -> &'static str {
         match self {
+            Self::CertificateNotForThisApp(_) => "CertificateNotForThisApp",
             Self::ClientCertificateExpired(_) => "ClientCertificateExpired",
             Self::InvalidAuthorizationHeader(_) => "InvalidAuthorizationHeader",
             Self::InvalidClientCertificate(_) => "InvalidClientCertificate",
@@ -125,7 +131,8 @@ impl Refusal {
     /// The human-readable detail.
     pub fn message(&self) -> &str {
         match self {
-            Self::ClientCertificateExpired(m)
+            Self::CertificateNotForThisApp(m)
+            | Self::ClientCertificateExpired(m)
             | Self::InvalidAuthorizationHeader(m)
             | Self::InvalidClientCertificate(m)
             | Self::InvalidForwardedHost(m)

@@ -23,6 +23,11 @@ use crate::template::Traits;
 const OID_COMMON_NAME: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.3");
 const OID_ORGANIZATION: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.10");
 /// Teleport: the selected Azure identity.
+const OID_ORGANIZATIONAL_UNIT: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.11");
+/// RouteToApp's cluster name (the cluster the app is in).
+const OID_APP_CLUSTER: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.9999.1.5");
+/// RouteToApp's app name.
+const OID_APP_NAME: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.9999.1.10");
 /// Teleport writes every user trait, as JSON, in the Subject's PostalCode.
 const OID_POSTAL_CODE: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.17");
 const OID_AZURE_IDENTITY: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.9999.1.16");
@@ -98,6 +103,12 @@ pub struct AppIdentity {
     pub allowed_identities: Vec<String>,
     /// The user's traits (PostalCode JSON); empty when the certificate has none.
     pub traits: Traits,
+    /// OU attributes: what the certificate may be used for (`usage:apps`).
+    pub usage: Vec<String>,
+    /// OID 1.3.9999.1.10: the app the certificate routes to.
+    pub app_name: Option<String>,
+    /// OID 1.3.9999.1.5: the cluster of that app.
+    pub app_cluster: Option<String>,
     /// NotBefore, Unix seconds.
     pub not_before: i64,
     /// NotAfter, Unix seconds.
@@ -108,7 +119,46 @@ pub struct AppIdentity {
     pub fingerprint: [u8; 32],
 }
 
+/// What the plugin configuration requires of a certificate's route, as the Teleport App Service
+/// checks its own certificates: unset fields accept anything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CertificateRules {
+    /// An OU value the certificate must carry (Teleport app certificates: `usage:apps`).
+    pub required_usage: Option<String>,
+    /// App names (OID 1.3.9999.1.10) accepted; empty: any.
+    pub allowed_apps: Vec<String>,
+    /// App cluster names (OID 1.3.9999.1.5) accepted; empty: any.
+    pub allowed_clusters: Vec<String>,
+}
+
 impl AppIdentity {
+    /// Refuses a certificate whose usage, app or cluster `rules` do not accept.
+    pub fn check_route(&self, rules: &CertificateRules) -> Result<(), Refusal> {
+        if let Some(usage) = &rules.required_usage
+            && !self.usage.iter().any(|u| u == usage)
+        {
+            return Err(Refusal::CertificateNotForThisApp(format!(
+                "the certificate is not issued for {usage}; log in to the app with tsh apps login"
+            )));
+        }
+        let accepted = |allowed: &[String], value: &Option<String>| {
+            allowed.is_empty() || value.as_ref().is_some_and(|v| allowed.contains(v))
+        };
+        if !accepted(&rules.allowed_apps, &self.app_name) {
+            return Err(Refusal::CertificateNotForThisApp(format!(
+                "the certificate is for app {:?}, not one this gateway serves",
+                self.app_name.as_deref().unwrap_or("")
+            )));
+        }
+        if !accepted(&rules.allowed_clusters, &self.app_cluster) {
+            return Err(Refusal::CertificateNotForThisApp(format!(
+                "the certificate is for an app in cluster {:?}, not one this gateway serves",
+                self.app_cluster.as_deref().unwrap_or("")
+            )));
+        }
+        Ok(())
+    }
+
     /// Refuses a certificate outside its validity period (with `skew` seconds of tolerance).
     pub fn check_validity(&self, now: i64, skew: i64) -> Result<(), Refusal> {
         if now > self.not_after.saturating_add(skew) {
@@ -338,6 +388,8 @@ fn identity_from_certificate(cert: &Certificate, der: &[u8]) -> Result<AppIdenti
     let mut selected_identity = None;
     let mut allowed_identities = Vec::new();
     let mut traits = None;
+    let mut usage = Vec::new();
+    let (mut app_name, mut app_cluster) = (None, None);
     for rdn in tbs.subject.0.iter() {
         for attr in rdn.0.iter() {
             let wanted = [
@@ -346,6 +398,9 @@ fn identity_from_certificate(cert: &Certificate, der: &[u8]) -> Result<AppIdenti
                 OID_AZURE_IDENTITY,
                 OID_AZURE_IDENTITIES,
                 OID_POSTAL_CODE,
+                OID_ORGANIZATIONAL_UNIT,
+                OID_APP_NAME,
+                OID_APP_CLUSTER,
             ];
             if !wanted.contains(&attr.oid) {
                 continue;
@@ -380,6 +435,24 @@ fn identity_from_certificate(cert: &Certificate, der: &[u8]) -> Result<AppIdenti
                         ));
                     }
                 }
+                OID_ORGANIZATIONAL_UNIT => usage.push(value),
+                OID_APP_NAME | OID_APP_CLUSTER => {
+                    let slot = if attr.oid == OID_APP_NAME {
+                        &mut app_name
+                    } else {
+                        &mut app_cluster
+                    };
+                    if slot.replace(value).is_some() {
+                        return Err(Refusal::InvalidClientCertificate(format!(
+                            "the certificate names more than one {}",
+                            if attr.oid == OID_APP_NAME {
+                                "app"
+                            } else {
+                                "app cluster"
+                            }
+                        )));
+                    }
+                }
                 _ => allowed_identities.push(value),
             }
         }
@@ -396,6 +469,9 @@ fn identity_from_certificate(cert: &Certificate, der: &[u8]) -> Result<AppIdenti
         selected_identity: selected_identity.filter(|s| !s.is_empty()),
         allowed_identities,
         traits: traits.unwrap_or_default(),
+        usage,
+        app_name,
+        app_cluster,
         not_before: seconds(&tbs.validity.not_before),
         not_after: seconds(&tbs.validity.not_after),
         public_key: public_key(&tbs.subject_public_key_info)?,
@@ -667,6 +743,52 @@ mod tests {
                 &[&[OID_CLIENT_AUTH]],
             );
             assert!(parse_app_certificate(&twice).is_err());
+        }
+
+        #[test]
+        fn usage_app_and_cluster_are_checked_when_configured() {
+            let pem = certificate_for(
+                "CN=alice,O=access,OU=usage:apps,1.3.9999.1.10=azure-cli,1.3.9999.1.5=tele.example",
+                leaf(),
+                &[&[OID_CLIENT_AUTH]],
+            );
+            let identity = parse_app_certificate(&pem).unwrap();
+            assert_eq!(identity.usage, ["usage:apps"]);
+            let rules = |usage: Option<&str>, apps: &[&str], clusters: &[&str]| CertificateRules {
+                required_usage: usage.map(String::from),
+                allowed_apps: apps.iter().map(|s| s.to_string()).collect(),
+                allowed_clusters: clusters.iter().map(|s| s.to_string()).collect(),
+            };
+            identity.check_route(&CertificateRules::default()).unwrap();
+            identity
+                .check_route(&rules(
+                    Some("usage:apps"),
+                    &["azure-cli"],
+                    &["tele.example"],
+                ))
+                .unwrap();
+            for refused in [
+                rules(Some("usage:db"), &[], &[]),
+                rules(None, &["other-app"], &[]),
+                rules(None, &[], &["other.example"]),
+            ] {
+                let err = identity.check_route(&refused).unwrap_err();
+                assert_eq!(err.code(), "CertificateNotForThisApp");
+            }
+            // A certificate without a route is refused by any list, accepted without one.
+            let bare = parse_app_certificate(&certificate(leaf(), &[&[OID_CLIENT_AUTH]])).unwrap();
+            bare.check_route(&CertificateRules::default()).unwrap();
+            assert!(bare.check_route(&rules(None, &["azure-cli"], &[])).is_err());
+            assert!(
+                bare.check_route(&rules(Some("usage:apps"), &[], &[]))
+                    .is_err()
+            );
+            let two_apps = certificate_for(
+                "CN=alice,1.3.9999.1.10=a,1.3.9999.1.10=b",
+                leaf(),
+                &[&[OID_CLIENT_AUTH]],
+            );
+            assert!(parse_app_certificate(&two_apps).is_err());
         }
 
         #[test]
