@@ -64,6 +64,17 @@ pub struct IssueArgs {
     /// in the CA directory's roles/].
     #[arg(long = "role-file")]
     role_files: Vec<PathBuf>,
+    /// A user trait, NAME=VALUE (repeatable; values of one name accumulate), written in the
+    /// certificate's PostalCode as Teleport writes traits and used to expand role templates
+    /// such as `{{internal.azure_identities}}` (like `tctl users update --set-azure-identities`).
+    #[arg(long = "trait", value_name = "NAME=VALUE", value_parser = parse_trait)]
+    traits: Vec<(String, String)>,
+    /// The app the certificate routes to (OID 1.3.9999.1.10), as `tsh apps login <app>`.
+    #[arg(long, default_value = "azure-cli")]
+    app: String,
+    /// The Teleport cluster of that app (OID 1.3.9999.1.5).
+    #[arg(long, default_value = "azgate-dev")]
+    cluster: String,
     /// The identity to select: full resource ID or bare name; may be left out when the roles
     /// allow exactly one.
     #[arg(long)]
@@ -242,7 +253,11 @@ fn issue(args: IssueArgs) -> CliResult<()> {
         .map(|r| r.trim().to_owned())
         .filter(|r| !r.is_empty())
         .collect();
-    let allowed = devca::allowed_identities(&roles, &user_roles)?;
+    let mut traits = devca::Traits::new();
+    for (name, value) in args.traits {
+        traits.entry(name).or_default().push(value);
+    }
+    let allowed = devca::allowed_identities(&roles, &user_roles, &traits)?;
     let selected = devca::select_identity(&allowed, args.azure_identity.as_deref())?;
     if args.user.trim().is_empty() {
         return Err(DevCaError::Invalid("--user must not be empty".into()).into());
@@ -254,6 +269,10 @@ fn issue(args: IssueArgs) -> CliResult<()> {
         roles: user_roles,
         selected_identity: Some(selected.clone()),
         allowed_identities: allowed,
+        traits,
+        usage: vec![devca::USAGE_APPS.into()],
+        app_name: Some(args.app),
+        app_cluster: Some(args.cluster),
         not_before: now - Duration::from_secs(60),
         not_after: checked_not_after(&ca, now + args.ttl)?,
     };
@@ -264,6 +283,16 @@ fn issue(args: IssueArgs) -> CliResult<()> {
     println!("identity:    {selected}");
     println!("valid for:   {}", human_duration(args.ttl));
     Ok(())
+}
+
+/// `NAME=VALUE` of `--trait`.
+fn parse_trait(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.trim().is_empty() => {
+            Ok((name.trim().to_string(), value.to_string()))
+        }
+        _ => Err(format!("expected NAME=VALUE, got {text:?}")),
+    }
 }
 
 fn role_files_in(dir: &Path) -> Result<Vec<PathBuf>, DevCaError> {

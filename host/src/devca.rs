@@ -2,11 +2,14 @@
 //! demos, tests and clusters without Teleport.
 //!
 //! An app certificate carries the caller's identity in its Subject, as Teleport's
-//! `lib/tlsca/ca.go` writes it: CN = user, one O attribute per role, OID 1.3.9999.1.16 = the
-//! selected Azure identity and one OID 1.3.9999.1.17 attribute per identity the user may
-//! assume. The allowed identities are computed from the role files as Teleport does when it
-//! issues the certificate (allow minus deny, [`RoleSet::allowed_identities`]), and the selected
-//! one is chosen by [`select_identity`] with `tsh apps login --azure-identity`'s rules.
+//! `lib/tlsca/ca.go` writes it and Go's `crypto/x509/pkix` encodes it: PostalCode = the user's
+//! traits as JSON, the roles as one multi-valued O RDN, the usages (`usage:apps`) as one
+//! multi-valued OU RDN, CN = user, then one RDN per Teleport attribute: OID 1.3.9999.1.5 / 1.10
+//! = the app's cluster and name, 1.3.9999.1.16 = the selected Azure identity and one
+//! 1.3.9999.1.17 per identity the user may assume. The allowed identities are computed from the
+//! role files and the traits as Teleport does when it issues the certificate (allow minus deny,
+//! templates expanded, [`RoleSet::allowed_identities`]), and the selected one is chosen by
+//! [`select_identity`] with `tsh apps login --azure-identity`'s rules.
 //!
 //! The CA itself is ECDSA P-256 (`ca.crt`, `ca.key` in its directory). It also issues the TLS
 //! server certificates of a dev gateway and of the workstation proxy's local TLS terminator.
@@ -18,7 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use azgate_filter::config::parse_roles;
 use azgate_filter::policy::RoleSet;
-use azgate_filter::template::Traits;
+pub use azgate_filter::template::Traits;
 use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey, LineEnding};
 use rand_core::{OsRng, RngCore};
 use rsa::pkcs1::DecodeRsaPrivateKey;
@@ -41,6 +44,12 @@ use x509_cert::{Certificate, attr::AttributeTypeAndValue};
 pub const OID_AZURE_IDENTITY: &str = "1.3.9999.1.16";
 /// Teleport's Subject attribute for each allowed Azure identity.
 pub const OID_AZURE_IDENTITIES: &str = "1.3.9999.1.17";
+/// RouteToApp's cluster name.
+pub const OID_APP_CLUSTER: &str = "1.3.9999.1.5";
+/// RouteToApp's app name.
+pub const OID_APP_NAME: &str = "1.3.9999.1.10";
+/// The usage Teleport writes in app certificates (OU).
+pub const USAGE_APPS: &str = "usage:apps";
 /// The CA certificate's file name in the CA directory.
 pub const CA_CERT_FILE: &str = "ca.crt";
 /// The CA key's file name in the CA directory.
@@ -249,6 +258,14 @@ pub struct AppCertificate {
     pub selected_identity: Option<String>,
     /// One OID 1.3.9999.1.17 attribute each.
     pub allowed_identities: Vec<String>,
+    /// The user's traits: PostalCode, as JSON (Teleport always writes it, `{}` when empty).
+    pub traits: Traits,
+    /// OU values; Teleport app certificates carry `usage:apps`.
+    pub usage: Vec<String>,
+    /// OID 1.3.9999.1.10: the app the certificate routes to.
+    pub app_name: Option<String>,
+    /// OID 1.3.9999.1.5: the cluster of that app.
+    pub app_cluster: Option<String>,
     /// NotBefore.
     pub not_before: SystemTime,
     /// NotAfter.
@@ -383,12 +400,24 @@ impl CertificateAuthority {
         spki: SubjectPublicKeyInfoOwned,
         eku: Option<&[ObjectIdentifier]>,
     ) -> Result<String, DevCaError> {
-        let mut rdns = Vec::new();
+        // Go's `pkix.Name.ToRDNSequence` order: PostalCode, O, OU, CN, then the extra names.
+        let traits = serde_json::to_string(&spec.traits)
+            .map_err(|e| DevCaError::Invalid(format!("traits: {e}")))?;
+        let mut rdns = vec![multi_valued_rdn("2.5.4.17", &[traits])?];
+        if !spec.roles.is_empty() {
+            rdns.push(multi_valued_rdn("2.5.4.10", &spec.roles)?);
+        }
+        if !spec.usage.is_empty() {
+            rdns.push(multi_valued_rdn("2.5.4.11", &spec.usage)?);
+        }
         if let Some(user) = &spec.user {
             rdns.push(rdn("2.5.4.3", user)?);
         }
-        for role in &spec.roles {
-            rdns.push(rdn("2.5.4.10", role)?);
+        if let Some(cluster) = &spec.app_cluster {
+            rdns.push(rdn(OID_APP_CLUSTER, cluster)?);
+        }
+        if let Some(app) = &spec.app_name {
+            rdns.push(rdn(OID_APP_NAME, app)?);
         }
         if let Some(id) = &spec.selected_identity {
             rdns.push(rdn(OID_AZURE_IDENTITY, id)?);
@@ -545,9 +574,28 @@ fn escape_dn(value: &str) -> String {
     out
 }
 
-/// One attribute per RDN, as Go's pkix writes repeated attributes. PrintableString where the
-/// value allows it (as Go does), UTF8String otherwise.
+/// An RDN of one attribute, as Go writes each extra name.
 fn rdn(oid: &str, value: &str) -> Result<RelativeDistinguishedName, DevCaError> {
+    multi_valued_rdn(oid, &[value.to_string()])
+}
+
+/// One RDN holding every value of a standard attribute, as Go's pkix writes them (a SET, in DER
+/// order; repeated values once).
+fn multi_valued_rdn(oid: &str, values: &[String]) -> Result<RelativeDistinguishedName, DevCaError> {
+    let mut attributes = Vec::new();
+    for value in values {
+        let attribute = attribute(oid, value)?;
+        if !attributes.contains(&attribute) {
+            attributes.push(attribute);
+        }
+    }
+    Ok(RelativeDistinguishedName(
+        SetOfVec::try_from(attributes).map_err(cert_error)?,
+    ))
+}
+
+/// PrintableString where the value allows it (as Go does), UTF8String otherwise.
+fn attribute(oid: &str, value: &str) -> Result<AttributeTypeAndValue, DevCaError> {
     let value = match PrintableStringRef::new(value) {
         Ok(printable) => Any::from(printable),
         Err(_) => Any::from(
@@ -555,15 +603,12 @@ fn rdn(oid: &str, value: &str) -> Result<RelativeDistinguishedName, DevCaError> 
                 .map_err(|e| DevCaError::Invalid(format!("subject value {value:?}: {e}")))?,
         ),
     };
-    let attr = AttributeTypeAndValue {
+    Ok(AttributeTypeAndValue {
         oid: oid
             .parse()
             .map_err(|e| DevCaError::Invalid(format!("OID {oid}: {e}")))?,
         value,
-    };
-    Ok(RelativeDistinguishedName(
-        SetOfVec::try_from(vec![attr]).map_err(cert_error)?,
-    ))
+    })
 }
 
 fn serial() -> SerialNumber {
@@ -613,11 +658,12 @@ pub fn load_roles(paths: &[PathBuf]) -> Result<RoleSet, DevCaError> {
     parse_roles(all).map_err(|e| DevCaError::Invalid(format!("role files: {e}")))
 }
 
-/// The identities `user_roles` allow, refusing role names the role files do not define (Teleport
-/// refuses to issue for a role that does not exist).
+/// The identities `user_roles` allow a user with `traits` (templates expanded), refusing role
+/// names the role files do not define (Teleport refuses to issue for a role that does not exist).
 pub fn allowed_identities(
     roles: &RoleSet,
     user_roles: &[String],
+    traits: &Traits,
 ) -> Result<Vec<String>, DevCaError> {
     if user_roles.is_empty() {
         return Err(DevCaError::Invalid("--roles names no role".into()));
@@ -627,9 +673,7 @@ pub fn allowed_identities(
             "role {unknown:?} is not defined in the role files"
         )));
     }
-    // The dev CA writes no traits yet, so templates (`{{internal.azure_identities}}`) expand to
-    // nothing here, as they would in Teleport for a user without the trait.
-    Ok(roles.allowed_identities(user_roles, &Traits::new()))
+    Ok(roles.allowed_identities(user_roles, traits))
 }
 
 /// Chooses the identity for the certificate as `tsh apps login --azure-identity` does: with no
@@ -817,19 +861,19 @@ mod tests {
         .unwrap();
         let roles = load_roles(&[yaml.clone(), json.clone()]).unwrap();
         assert_eq!(
-            allowed_identities(&roles, &ids(&["azure-admin"])).unwrap(),
+            allowed_identities(&roles, &ids(&["azure-admin"]), &Traits::new()).unwrap(),
             [ADMIN, READER]
         );
         assert_eq!(
-            allowed_identities(&roles, &ids(&["azure-admin", "no-admin"])).unwrap(),
+            allowed_identities(&roles, &ids(&["azure-admin", "no-admin"]), &Traits::new()).unwrap(),
             [READER]
         );
         assert!(
-            allowed_identities(&roles, &ids(&["azure-admin", "lockdown"]))
+            allowed_identities(&roles, &ids(&["azure-admin", "lockdown"]), &Traits::new())
                 .unwrap()
                 .is_empty()
         );
-        let err = allowed_identities(&roles, &ids(&["ghost"]))
+        let err = allowed_identities(&roles, &ids(&["ghost"]), &Traits::new())
             .unwrap_err()
             .to_string();
         assert!(err.contains("\"ghost\" is not defined"), "{err}");
@@ -865,6 +909,10 @@ mod tests {
                         roles: ids(&["azure-reader", "dev"]),
                         selected_identity: Some(READER.into()),
                         allowed_identities: ids(&[READER, ADMIN]),
+                        traits: [("azure_identities".to_string(), ids(&[READER]))].into(),
+                        usage: ids(&[USAGE_APPS]),
+                        app_name: Some("azure-cli".into()),
+                        app_cluster: Some("tele.example".into()),
                         not_before: now - BACKDATE,
                         not_after: now + Duration::from_secs(600),
                     },
@@ -873,9 +921,21 @@ mod tests {
                 .unwrap();
             let identity = azgate_filter::identity::parse_app_certificate(&pem).unwrap();
             assert_eq!(identity.user, "alice");
-            assert_eq!(identity.roles, ["azure-reader", "dev"]);
+            // One O RDN, its values in DER order as Go writes them (shorter first).
+            assert_eq!(identity.roles, ["dev", "azure-reader"]);
             assert_eq!(identity.selected_identity.as_deref(), Some(READER));
             assert_eq!(identity.allowed_identities, [READER, ADMIN]);
+            assert_eq!(identity.traits["azure_identities"], [READER]);
+            assert_eq!(identity.usage, [USAGE_APPS]);
+            assert_eq!(identity.app_name.as_deref(), Some("azure-cli"));
+            assert_eq!(identity.app_cluster.as_deref(), Some("tele.example"));
+            let subject = &Certificate::from_pem(pem.as_bytes())
+                .unwrap()
+                .tbs_certificate
+                .subject;
+            let sizes: Vec<usize> = subject.0.iter().map(|rdn| rdn.0.len()).collect();
+            // PostalCode, O (2 values), OU, CN, 1.5, 1.10, 1.16, 1.17 x2.
+            assert_eq!(sizes, [1, 2, 1, 1, 1, 1, 1, 1, 1]);
             key.check_matches(&pem).unwrap();
             assert!(
                 AppKey::generate(KeyKind::P256)
@@ -925,6 +985,10 @@ mod tests {
             roles: ids(&["dev"]),
             selected_identity: None,
             allowed_identities: Vec::new(),
+            traits: Traits::new(),
+            usage: Vec::new(),
+            app_name: None,
+            app_cluster: None,
             not_before: now - BACKDATE,
             not_after: now + Duration::from_secs(600),
         };

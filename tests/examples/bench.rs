@@ -108,6 +108,7 @@ fn user(ca: &TestCa) -> Result<Issued> {
             allowed_identities: vec![READER.into()],
             not_before_offset_s: -60,
             not_after_offset_s: 3600,
+            ..Default::default()
         },
         KeyKind::P256,
     )

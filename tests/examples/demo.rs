@@ -106,6 +106,7 @@ fn user(topology: &Topology, name: &str, role: &str) -> Result<Issued> {
             allowed_identities: vec![READER.into()],
             not_before_offset_s: -60,
             not_after_offset_s: 12 * 3600,
+            ..Default::default()
         },
         KeyKind::P256,
     )

@@ -564,6 +564,10 @@ impl HostilePki {
                                 .iter()
                                 .map(|i| self.identity(i))
                                 .collect(),
+                            traits: Default::default(),
+                            usage: vec![azgate::devca::USAGE_APPS.into()],
+                            app_name: Some("azure-cli".into()),
+                            app_cluster: Some("azgate-tests".into()),
                             not_before: at(spec.not_before_s),
                             not_after: at(spec.not_after_s),
                         },

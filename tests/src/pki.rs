@@ -50,6 +50,23 @@ impl PrivateKey {
         })
     }
 
+    /// Reads a P-256 (PKCS#8) or RSA (PKCS#1 or PKCS#8) key, as tsh writes them.
+    pub fn from_pem(pem: &str) -> Result<Self> {
+        use p256::pkcs8::DecodePrivateKey;
+        use rsa::pkcs1::DecodeRsaPrivateKey;
+        if pem.contains("BEGIN RSA PRIVATE KEY") {
+            return Ok(Self::Rsa(Box::new(rsa::RsaPrivateKey::from_pkcs1_pem(
+                pem,
+            )?)));
+        }
+        if let Ok(key) = p256::ecdsa::SigningKey::from_pkcs8_pem(pem) {
+            return Ok(Self::P256(key));
+        }
+        Ok(Self::Rsa(Box::new(rsa::RsaPrivateKey::from_pkcs8_pem(
+            pem,
+        )?)))
+    }
+
     /// PKCS#8 PEM.
     pub fn to_pem(&self) -> Result<String> {
         let pem = match self {
@@ -92,6 +109,8 @@ pub struct AppCertSpec {
     pub selected_identity: Option<String>,
     /// OID 1.3.9999.1.17 attributes.
     pub allowed_identities: Vec<String>,
+    /// The user's traits (PostalCode JSON).
+    pub traits: azgate::devca::Traits,
     /// NotBefore offset from now (negative = past), seconds.
     pub not_before_offset_s: i64,
     /// NotAfter offset from now, seconds.
@@ -183,6 +202,10 @@ impl TestCa {
                 roles: spec.roles.clone(),
                 selected_identity: spec.selected_identity.clone(),
                 allowed_identities: spec.allowed_identities.clone(),
+                traits: spec.traits.clone(),
+                usage: vec![azgate::devca::USAGE_APPS.into()],
+                app_name: Some("azure-cli".into()),
+                app_cluster: Some("azgate-tests".into()),
                 not_before: at(spec.not_before_offset_s),
                 not_after: at(spec.not_after_offset_s),
             },

@@ -106,6 +106,7 @@ fn app_cert(topology: &Topology, user: &str, role: &str) -> Result<Issued> {
             allowed_identities: vec![IDENTITY.into()],
             not_before_offset_s: -60,
             not_after_offset_s: 3600,
+            ..Default::default()
         },
         KeyKind::P256,
     )

@@ -446,6 +446,7 @@ fn issue(topology: &Topology, suite: &Suite, spec: &CertCase) -> Result<Issued> 
         allowed_identities: spec.allowed.iter().map(|n| identity(suite, n)).collect(),
         not_before_offset_s: spec.not_before_s,
         not_after_offset_s: spec.not_after_s,
+        ..Default::default()
     };
     topology.ca.app(&app, spec.key)
 }

@@ -18,6 +18,8 @@ use azgate_tests::upstream::{ARM_SUBSCRIPTION_ID, FakeAzure, msi_token_claims};
 
 const READER: &str = "/subscriptions/00000000-0000-0000-0000-00000000a2a7/resourceGroups/azgate-demo/providers/Microsoft.ManagedIdentity/userAssignedIdentities/reader";
 const ADMIN: &str = "/subscriptions/00000000-0000-0000-0000-00000000a2a7/resourceGroups/azgate-demo/providers/Microsoft.ManagedIdentity/userAssignedIdentities/admin";
+/// `--trait` granting READER through the `access` role's template.
+const TRAIT_READER: &str = "azure_identities=/subscriptions/00000000-0000-0000-0000-00000000a2a7/resourceGroups/azgate-demo/providers/Microsoft.ManagedIdentity/userAssignedIdentities/reader";
 /// The resource az asks tokens for in the public cloud.
 const ARM_RESOURCE: &str = "https://management.core.windows.net/";
 
@@ -82,6 +84,18 @@ spec:
   allow:
     azure_identities:
     - "/subscriptions/00000000-0000-0000-0000-00000000a2a7/resourceGroups/azgate-demo/providers/Microsoft.ManagedIdentity/userAssignedIdentities/reader"
+---
+# The dynamic grant of Teleport's preset `access` role: every identity in the user's
+# azure_identities trait.
+kind: role
+version: v8
+metadata:
+  name: access
+spec:
+  allow:
+    app_labels: {'*': '*'}
+    azure_identities: ['{{internal.azure_identities}}']
+    logins: ['{{internal.logins}}']
 "#;
 
 /// The gateway's roles: the same, except that `contractor` was revoked after its certificates
@@ -95,6 +109,7 @@ fn gateway_roles() -> serde_json::Value {
         role("azure-reader", &[READER], &[]),
         role("azure-admin", &[ADMIN, READER], &[]),
         role("contractor", &[READER], &[READER]),
+        role("access", &["{{internal.azure_identities}}"], &[]),
     ])
 }
 
@@ -345,6 +360,16 @@ async fn run(runtime: Runtime) -> Result<()> {
     issue("mallory", "contractor", vec![])
         .await?
         .ok("ca issue mallory")?;
+    // dana holds only `access`: her identities come from her trait, as with
+    // `tctl users update dana --set-azure-identities <reader>`; without it she has none.
+    let none = issue("dana", "access", vec![]).await?;
+    ensure!(
+        none.code != Some(0),
+        "access without the trait allows nothing"
+    );
+    issue("dana", "access", vec!["--trait", TRAIT_READER])
+        .await?
+        .ok("ca issue dana --trait")?;
     let listed = ws
         .azgate(&[
             "identities",
@@ -426,6 +451,17 @@ async fn run(runtime: Runtime) -> Result<()> {
     ensure!(claims.resource == ARM_RESOURCE, "{}", claims.resource);
     ensure!(token["subscription"] == ARM_SUBSCRIPTION_ID, "{token}");
 
+    // dana's identity is granted by the `{{internal.azure_identities}}` template, expanded by
+    // the gateway from the traits in her certificate.
+    let dana_vms = ws
+        .az(&topology, "dana", &["vm", "list"])
+        .await?
+        .ok("dana: az vm list")?;
+    ensure!(
+        dana_vms.json()?[0]["tags"]["listed-for"] == READER,
+        "ARM saw dana's trait-granted identity"
+    );
+
     // `azgate proxy azure` prints the exports; the plain az in that environment works too, and
     // shares the login state `azgate az` left (same AZURE_CONFIG_DIR for the same identity).
     let (exports, proxy) = ws.proxy_azure(&topology, "alice").await?;
@@ -501,8 +537,8 @@ async fn run(runtime: Runtime) -> Result<()> {
     ensure!(
         count(&format!(
             "/subscriptions/{ARM_SUBSCRIPTION_ID}/providers/microsoft.compute/virtualmachines"
-        )) == 3,
-        "alice twice (azgate az, plain az), bob once: {paths:?}"
+        )) == 4,
+        "alice twice (azgate az, plain az), dana and bob once: {paths:?}"
     );
     ensure!(
         count(&format!(

@@ -141,6 +141,7 @@ impl Load {
                     allowed_identities: vec![identity.into()],
                     not_before_offset_s: -60,
                     not_after_offset_s: 86_400,
+                    ..Default::default()
                 },
                 KeyKind::P256,
             )?;
