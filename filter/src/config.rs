@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::endpoint::{Cloud, EndpointPolicy};
 use crate::identity::CertificateRules;
+use crate::lock::LockSet;
 use crate::policy::{IdentityId, RoleRules, RoleSet};
 use crate::template::Template;
 
@@ -70,6 +71,8 @@ pub struct Config {
     /// What a certificate's usage and route must be (`required_usage`, `allowed_apps`,
     /// `allowed_clusters`).
     pub certificate: CertificateRules,
+    /// Teleport locks, checked on every request.
+    pub locks: LockSet,
 }
 
 impl Default for Config {
@@ -87,6 +90,7 @@ impl Default for Config {
             verified_token_cache_size: 1024,
             token_wait_poll_ms: 10,
             certificate: CertificateRules::default(),
+            locks: LockSet::default(),
         }
     }
 }
@@ -108,6 +112,7 @@ struct RawConfig {
     required_usage: Option<String>,
     allowed_apps: Option<Vec<String>>,
     allowed_clusters: Option<Vec<String>>,
+    locks: Option<Vec<serde_json::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -141,12 +146,12 @@ impl Config {
         let raw: RawConfig = serde_json::from_slice(bytes).map_err(|e| {
             let message = e.to_string();
             // serde names the unknown field in its message; keep it as the field.
-            let field = message
-                .split('`')
-                .nth(1)
-                .filter(|_| message.starts_with("unknown field"))
-                .unwrap_or("(document)")
-                .to_string();
+            let field = match message.split('`').nth(1) {
+                Some("") if message.starts_with("unknown field") => "(an empty key)",
+                Some(name) if message.starts_with("unknown field") => name,
+                _ => "(document)",
+            }
+            .to_string();
             field_error(field, message)
         })?;
         let defaults = Self::default();
@@ -234,6 +239,8 @@ impl Config {
                 allowed_apps: names_list("allowed_apps", raw.allowed_apps)?,
                 allowed_clusters: names_list("allowed_clusters", raw.allowed_clusters)?,
             },
+            locks: LockSet::parse(raw.locks.unwrap_or_default())
+                .map_err(|(field, message)| field_error(field, message))?,
         };
         Ok(config)
     }
@@ -474,6 +481,11 @@ mod tests {
     fn missing_roles_and_bad_json_are_refused() {
         assert_eq!(parse(serde_json::json!({})).unwrap_err().field, "roles");
         assert!(Config::parse(b"").is_err());
+        // A fuzz finding (fuzz/regressions/plugin_config): an empty unknown key still names a field.
+        assert_eq!(
+            Config::parse(br#"{"":0}"#).unwrap_err().field,
+            "(an empty key)"
+        );
         assert!(Config::parse(b"{").is_err());
     }
 }

@@ -226,6 +226,8 @@ fn decide_into(
     }
     cert.check_validity(now, config.clock_skew_s)?;
     cert.check_route(&config.certificate)?;
+    // Before the token's verification (cached or not) is looked at: a lock ends access at once.
+    config.locks.check(&cert.user, &cert.roles, now)?;
     let selected = cert.selected_identity.as_deref().ok_or_else(|| {
         Refusal::NoIdentitySelected(
             "the certificate selects no Azure identity; log in with --azure-identity".into(),

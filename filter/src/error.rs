@@ -51,6 +51,9 @@ pub enum Refusal {
     /// the configuration accepts (`required_usage`, `allowed_apps`, `allowed_clusters`).
     /// 403 `CertificateNotForThisApp`.
     CertificateNotForThisApp(String),
+    /// A Teleport lock targeting the caller's user or one of their roles is in force.
+    /// 403 `Locked`.
+    Locked(String),
     /// The certificate selects no Azure identity (OID 1.3.9999.1.16). 403 `NoIdentitySelected`.
     NoIdentitySelected(String),
     /// The target host is not an enabled Azure endpoint. 403 `NotAnAzureEndpoint`.
@@ -88,6 +91,7 @@ impl Refusal {
             Self::CertificateNotForThisApp(_)
             | Self::IdentityNotAllowed(_)
             | Self::IdentityNotInCertificate(_)
+            | Self::Locked(_)
             | Self::NoIdentitySelected(_)
             | Self::NotAnAzureEndpoint(_) => 403,
             Self::MethodNotAllowed(_) => 405,
@@ -114,6 +118,7 @@ impl Refusal {
             Self::IdentityNotInCertificate(_) => "IdentityNotInCertificate",
             Self::IdentityNotAllowed(_) => "IdentityNotAllowed",
             Self::Internal(_) => "InternalError",
+            Self::Locked(_) => "Locked",
             Self::MethodNotAllowed(_) => "MethodNotAllowed",
             Self::MissingClientCertificate(_) => "MissingClientCertificate",
             Self::MissingForwardedHost(_) => "MissingForwardedHost",
@@ -144,6 +149,7 @@ impl Refusal {
             | Self::IdentityNotInCertificate(m)
             | Self::IdentityNotAllowed(m)
             | Self::Internal(m)
+            | Self::Locked(m)
             | Self::MethodNotAllowed(m)
             | Self::MissingClientCertificate(m)
             | Self::MissingForwardedHost(m)

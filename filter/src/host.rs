@@ -82,11 +82,22 @@ impl RootContext for Root {
                 log(
                     LogLevel::Info,
                     &format!(
-                        "azgate: configured with {} roles, token cluster {:?}",
+                        "azgate: configured with {} roles, {} locks, token cluster {:?}",
                         config.roles.len(),
+                        config.locks.len(),
                         config.token_cluster
                     ),
                 );
+                if !config.locks.ignored().is_empty() {
+                    log(
+                        LogLevel::Info,
+                        &format!(
+                            "azgate: locks {:?} target only what app certificates do not carry \
+                             (logins, nodes, devices, ...); they never apply here",
+                            config.locks.ignored()
+                        ),
+                    );
+                }
                 let verified = VerificationCache::new(config.verified_token_cache_size);
                 let broker = Broker::new(&config, self.id, now_ms());
                 self.shared = Some(Rc::new(Shared {

@@ -18,6 +18,7 @@ pub mod headers;
 pub mod identity;
 pub mod imds;
 pub mod jwt;
+pub mod lock;
 pub mod policy;
 pub mod template;
 pub mod token_cache;

@@ -238,6 +238,59 @@ fn teleport_role_files_are_appended_to_the_filter_roles() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Lock files and directories as `tctl get locks` writes them are appended to the plugin's
+/// `locks`; a bad lock names its file.
+#[test]
+fn teleport_lock_files_and_directories_are_appended_to_the_filter_locks() {
+    let dir = temp_dir("locks");
+    std::fs::create_dir_all(dir.join("locks.d")).unwrap();
+    std::fs::write(
+        dir.join("alice.yaml"),
+        "kind: lock\nversion: v2\nmetadata:\n  name: alice\nspec:\n  target:\n    user: alice\n  message: offboarding\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("locks.d/b.json"),
+        r#"[{"kind": "lock", "version": "v2", "metadata": {"name": "ops"}, "spec": {"target": {"role": "ops"}, "expires": "2999-01-01T00:00:00Z"}}]"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("locks.d/a.yml"),
+        "kind: lock\nversion: v2\nmetadata: {name: root}\nspec: {target: {login: root}}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("locks.d/notes.txt"), "not a lock").unwrap();
+    let path = write_config(
+        &dir,
+        "listeners: [{address: '127.0.0.1:0', plaintext_behind_trusted_front: true}]\n\
+         filter:\n  path: x.wasm\n  config: {roles: []}\n  lock_files: [alice.yaml, locks.d]\n",
+    );
+    let config = ServeConfig::load(&path).expect("valid");
+    let plugin: serde_json::Value =
+        serde_json::from_slice(&config.plugin_config().unwrap()).unwrap();
+    let names: Vec<&str> = plugin["locks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["alice", "root", "ops"]);
+    let parsed = azgate_filter::config::Config::parse(&config.plugin_config().unwrap()).unwrap();
+    assert_eq!(parsed.locks.len(), 2);
+    assert_eq!(parsed.locks.ignored(), ["root"]);
+    std::fs::write(
+        dir.join("locks.d/c.yaml"),
+        "kind: lock\nmetadata: {name: x}\nspec: {target: {user: a}, expires: soon}\n",
+    )
+    .unwrap();
+    let error = config.plugin_config().unwrap_err().to_string();
+    assert!(
+        error.contains("c.yaml") && error.contains("spec.expires"),
+        "{error}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// `tctl get roles` (YAML documents) and `tctl get roles --format=json` (an array; the JSON
 /// fixture is the YAML one converted) load unchanged, preset roles included, with one rule set:
 /// versions v3 to v8, templates allowed.

@@ -22,6 +22,9 @@ use tokio::sync::{Mutex, OnceCell};
 struct Suite {
     identities: HashMap<String, String>,
     roles: Vec<serde_json::Value>,
+    /// Teleport locks in force for the whole suite.
+    #[serde(default)]
+    locks: Vec<serde_json::Value>,
     cases: Vec<Case>,
     token_cases: Vec<Case>,
 }
@@ -76,6 +79,9 @@ struct CertCase {
     not_before_s: i64,
     #[serde(default = "default_not_after")]
     not_after_s: i64,
+    /// Traits (PostalCode JSON); `$name` values are identities.
+    #[serde(default)]
+    traits: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl Default for CertCase {
@@ -88,6 +94,7 @@ impl Default for CertCase {
             key: default_key(),
             not_before_s: default_not_before(),
             not_after_s: default_not_after(),
+            traits: Default::default(),
         }
     }
 }
@@ -398,7 +405,7 @@ fn load_suite() -> Result<Suite> {
 }
 
 fn options(suite: &Suite, extra: serde_json::Value, concurrency: u32) -> Options {
-    let mut config = serde_json::json!({ "roles": suite.roles });
+    let mut config = serde_json::json!({ "roles": suite.roles, "locks": suite.locks });
     if let (Some(config), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
         config.extend(extra.clone());
     }
@@ -446,7 +453,20 @@ fn issue(topology: &Topology, suite: &Suite, spec: &CertCase) -> Result<Issued> 
         allowed_identities: spec.allowed.iter().map(|n| identity(suite, n)).collect(),
         not_before_offset_s: spec.not_before_s,
         not_after_offset_s: spec.not_after_s,
-        ..Default::default()
+        traits: spec
+            .traits
+            .iter()
+            .map(|(name, values)| {
+                let values = values
+                    .iter()
+                    .map(|v| {
+                        v.strip_prefix('$')
+                            .map_or(v.clone(), |n| identity(suite, n))
+                    })
+                    .collect();
+                (name.clone(), values)
+            })
+            .collect(),
     };
     topology.ca.app(&app, spec.key)
 }

@@ -181,9 +181,14 @@ pub struct FilterConfig {
     /// The plugin configuration (for azgate's filter: its JSON configuration, as YAML or JSON).
     #[serde(default)]
     pub config: Option<serde_json::Value>,
-    /// Teleport role YAML files appended to `config.roles` (kind: role, v5–v7).
+    /// Teleport role files appended to `config.roles`, as `tctl get roles` writes them (YAML
+    /// or JSON; kind: role, v3–v8).
     #[serde(default)]
     pub role_files: Vec<PathBuf>,
+    /// Teleport lock files, or directories of them (every `*.yaml`, `*.yml`, `*.json`), as
+    /// `tctl get locks` writes them, appended to `config.locks`; checked on every request.
+    #[serde(default)]
+    pub lock_files: Vec<PathBuf>,
     /// Directory for compiled code, so restarts skip compilation; none disables.
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
@@ -278,6 +283,7 @@ impl ServeConfig {
         }
         fix(&mut self.filter.path);
         self.filter.role_files.iter_mut().for_each(fix);
+        self.filter.lock_files.iter_mut().for_each(fix);
         if let Some(dir) = &mut self.filter.cache_dir {
             fix(dir);
         }
@@ -365,32 +371,92 @@ impl ServeConfig {
     }
 
     /// The plugin configuration bytes: `filter.config` with the roles of `filter.role_files`
-    /// appended to its `roles`.
+    /// appended to its `roles` and the locks of `filter.lock_files` to its `locks`.
     pub fn plugin_config(&self) -> Result<Vec<u8>, ConfigError> {
         let mut config = self
             .filter
             .config
             .clone()
             .unwrap_or_else(|| serde_json::json!({}));
-        if !self.filter.role_files.is_empty() {
+        let mut append = |key: &str, values: Vec<serde_json::Value>| {
             let Some(object) = config.as_object_mut() else {
                 return Err(error(
                     "filter.config",
-                    "must be a mapping to add role files",
+                    "must be a mapping to add role or lock files",
                 ));
             };
-            let roles = object
-                .entry("roles")
+            let list = object
+                .entry(key)
                 .or_insert_with(|| serde_json::Value::Array(Vec::new()));
-            let Some(roles) = roles.as_array_mut() else {
-                return Err(error("filter.config.roles", "must be a list"));
+            let Some(list) = list.as_array_mut() else {
+                return Err(error(format!("filter.config.{key}"), "must be a list"));
             };
-            for file in &self.filter.role_files {
-                roles.extend(read_role_file(file)?);
-            }
+            list.extend(values);
+            Ok(())
+        };
+        for file in &self.filter.role_files {
+            append("roles", read_role_file(file)?)?;
+        }
+        for source in &self.filter.lock_files {
+            append("locks", read_lock_source(source)?)?;
         }
         serde_json::to_vec(&config).map_err(|e| error("filter.config", e.to_string()))
     }
+
+    /// The files whose change changes the policy (role and lock sources), for reloading.
+    pub fn policy_sources(&self) -> Vec<PathBuf> {
+        let mut sources = self.filter.role_files.clone();
+        sources.extend(self.filter.lock_files.iter().cloned());
+        sources
+    }
+}
+
+/// The documents of a `tctl` YAML or JSON file: `---`-separated documents, a JSON array's
+/// elements, or one object.
+fn read_documents(path: &Path, field: &str) -> Result<Vec<serde_json::Value>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| error(field, e.to_string()))?;
+    let mut values = Vec::new();
+    // JSON is YAML, so one parser reads both.
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let value: serde_json::Value =
+            serde_json::Value::deserialize(document).map_err(|e| error(field, e.to_string()))?;
+        match value {
+            serde_json::Value::Null => {}
+            serde_json::Value::Array(list) => values.extend(list),
+            other => values.push(other),
+        }
+    }
+    Ok(values)
+}
+
+/// Reads Teleport locks as `tctl get locks` writes them from a file, or from every `*.yaml`,
+/// `*.yml` and `*.json` file of a directory (in name order), validated by the filter's rules
+/// ([`azgate_filter::lock::LockSet::parse`]) so errors name the file.
+pub fn read_lock_source(path: &Path) -> Result<Vec<serde_json::Value>, ConfigError> {
+    let field = format!("filter.lock_files: {}", path.display());
+    let files = if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| error(&field, e.to_string()))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension()
+                    .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+            })
+            .collect();
+        files.sort();
+        files
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut locks = Vec::new();
+    for file in files {
+        let field = format!("filter.lock_files: {}", file.display());
+        let values = read_documents(&file, &field)?;
+        azgate_filter::lock::LockSet::parse(values.clone())
+            .map_err(|(at, message)| error(&field, format!("{at}: {message}")))?;
+        locks.extend(values);
+    }
+    Ok(locks)
 }
 
 /// Reads a Teleport role file as `tctl` writes it: YAML (`tctl get roles`, documents separated
@@ -399,18 +465,7 @@ impl ServeConfig {
 /// v3–v8, identities and templates), so errors name this file.
 pub fn read_role_file(path: &Path) -> Result<Vec<serde_json::Value>, ConfigError> {
     let field = format!("filter.role_files: {}", path.display());
-    let text = std::fs::read_to_string(path).map_err(|e| error(&field, e.to_string()))?;
-    let mut roles = Vec::new();
-    // JSON is YAML, so one parser reads both.
-    for document in serde_yaml::Deserializer::from_str(&text) {
-        let value: serde_json::Value =
-            serde_json::Value::deserialize(document).map_err(|e| error(&field, e.to_string()))?;
-        match value {
-            serde_json::Value::Null => {}
-            serde_json::Value::Array(list) => roles.extend(list),
-            other => roles.push(other),
-        }
-    }
+    let roles = read_documents(path, &field)?;
     azgate_filter::config::parse_roles(roles.clone()).map_err(|e| error(&field, e.to_string()))?;
     Ok(roles)
 }
