@@ -39,9 +39,18 @@ pub(crate) fn log(level: LogLevel, message: &str) {
 
 /// Per-VM state shared by the root and request contexts.
 struct Shared {
-    config: Config,
+    /// Replaced when the host configures the VM again (a policy reload); the broker's fetches
+    /// and the verification cache carry over.
+    config: RefCell<Rc<Config>>,
     broker: RefCell<Broker>,
     verified: RefCell<VerificationCache>,
+}
+
+impl Shared {
+    /// The configuration in force now.
+    fn config(&self) -> Rc<Config> {
+        self.config.borrow().clone()
+    }
 }
 
 /// A call-out answer reaches the broker whichever context dispatched it (the root re-dispatches
@@ -51,7 +60,7 @@ fn deliver_call_response(shared: Option<&Shared>, token: u32, headers: usize, bo
         shared
             .broker
             .borrow_mut()
-            .on_call_response(&shared.config, token, headers, body);
+            .on_call_response(&shared.config(), token, headers, body);
     }
 }
 
@@ -78,6 +87,20 @@ impl RootContext for Root {
     fn on_configure(&mut self, _: usize) -> bool {
         let bytes = self.get_plugin_configuration().unwrap_or_default();
         match Config::parse(&bytes) {
+            Ok(config) if self.shared.is_some() => {
+                log(
+                    LogLevel::Info,
+                    &format!(
+                        "azgate: reconfigured with {} roles, {} locks",
+                        config.roles.len(),
+                        config.locks.len()
+                    ),
+                );
+                if let Some(shared) = &self.shared {
+                    *shared.config.borrow_mut() = Rc::new(config);
+                }
+                true
+            }
             Ok(config) => {
                 log(
                     LogLevel::Info,
@@ -101,11 +124,18 @@ impl RootContext for Root {
                 let verified = VerificationCache::new(config.verified_token_cache_size);
                 let broker = Broker::new(&config, self.id, now_ms());
                 self.shared = Some(Rc::new(Shared {
-                    config,
+                    config: RefCell::new(Rc::new(config)),
                     broker: RefCell::new(broker),
                     verified: RefCell::new(verified),
                 }));
                 true
+            }
+            Err(err) if self.shared.is_some() => {
+                log(
+                    LogLevel::Critical,
+                    &format!("azgate: {err}; the previous configuration stays in force"),
+                );
+                false
             }
             Err(err) => {
                 log(LogLevel::Critical, &format!("azgate: {err}"));
@@ -116,7 +146,10 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         if let Some(shared) = &self.shared {
-            shared.broker.borrow_mut().on_tick(&shared.config, now_ms());
+            shared
+                .broker
+                .borrow_mut()
+                .on_tick(&shared.config(), now_ms());
         }
     }
 
@@ -163,9 +196,10 @@ impl HttpContext for Request {
         // Bytes, not strings: the SDK's string API traps on a non-UTF-8 value.
         let headers = self.get_http_request_headers_bytes();
         let now = now_ms();
+        let config = shared.config();
         let (audit, decided) = decision::decide_header_map(
             &headers,
-            &shared.config,
+            &config,
             now / 1000,
             &mut shared.verified.borrow_mut(),
         );
@@ -192,7 +226,7 @@ impl HttpContext for Request {
             };
         }
         let mut broker = shared.broker.borrow_mut();
-        broker.request_token(&shared.config, &HostSharedData, self.id, grant, audit, now)
+        broker.request_token(&config, &HostSharedData, self.id, grant, audit, now)
     }
 }
 

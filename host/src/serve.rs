@@ -8,6 +8,7 @@
 mod config;
 mod error;
 mod http1_guard;
+mod policy;
 mod proxy;
 mod stats;
 mod tls;
@@ -73,6 +74,7 @@ pub async fn start(
     let plugin_config = config
         .plugin_config()
         .map_err(|e| ServeError::Config(e.to_string()))?;
+    let initial_policy = plugin_config.clone();
     let token_clusters: Vec<String> = config
         .clusters
         .iter()
@@ -154,6 +156,20 @@ pub async fn start(
         listeners.push((sockets, tls, connections, local_subject, timeouts));
     }
 
+    // Policy files are watched only when there are some; workers reconfigure on each change.
+    let (generation_tx, generation) = watch::channel(0u64);
+    let policy_stats = Arc::new(policy::PolicyStats::default());
+    if !config.policy_sources().is_empty() {
+        tokio::spawn(policy::watch(
+            config.clone(),
+            plugin.clone(),
+            initial_policy,
+            generation_tx,
+            policy_stats.clone(),
+            stop.clone(),
+        ));
+    }
+
     let ready = Arc::new(AtomicUsize::new(0));
     let mut all_stats = Vec::new();
     let mut threads = Vec::new();
@@ -172,19 +188,17 @@ pub async fn start(
                 timeouts: *timeouts,
             });
         }
-        let (plugin, clusters, stop, ready) = (
-            plugin.clone(),
-            clusters.clone(),
-            stop.clone(),
-            ready.clone(),
-        );
+        let (plugin, clusters) = (plugin.clone(), clusters.clone());
+        let signals = WorkerSignals {
+            stop: stop.clone(),
+            ready: ready.clone(),
+            policy: generation.clone(),
+        };
         let upstream = config.upstream.clone();
         let thread = std::thread::Builder::new()
             .name(format!("azgate-worker-{index}"))
             .spawn(move || {
-                if let Err(error) =
-                    run_worker(plugin, clusters, stats, specs, upstream, stop, ready)
-                {
+                if let Err(error) = run_worker(plugin, clusters, stats, specs, upstream, signals) {
                     tracing::error!(%error, worker = index, "worker stopped");
                 }
             })?;
@@ -199,6 +213,7 @@ pub async fn start(
             ready,
             workers,
             token_service,
+            policy_stats,
             stop.clone(),
         ));
     }
@@ -234,15 +249,28 @@ fn bind_per_worker(
     Ok(sockets)
 }
 
+/// What a worker thread is told: stop, and a new policy; and what it reports: ready.
+struct WorkerSignals {
+    stop: watch::Receiver<bool>,
+    /// Workers that have their VM and accept connections.
+    ready: Arc<AtomicUsize>,
+    /// Bumped for each policy change to apply.
+    policy: watch::Receiver<u64>,
+}
+
 fn run_worker(
     plugin: Arc<Plugin>,
     clusters: Arc<upstream::Clusters>,
     stats: Arc<WorkerStats>,
     specs: Vec<proxy::ListenerSpec>,
     upstream_config: config::UpstreamConfig,
-    stop: watch::Receiver<bool>,
-    ready: Arc<AtomicUsize>,
+    signals: WorkerSignals,
 ) -> Result<(), ServeError> {
+    let WorkerSignals {
+        stop,
+        ready,
+        policy: mut generation,
+    } = signals;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -263,6 +291,12 @@ fn run_worker(
                 .unwrap_or(usize::MAX),
         });
         let worker = worker::Worker::new(plugin, vm, clusters, stats.clone());
+        let reconfiguring = worker.clone();
+        tokio::task::spawn_local(async move {
+            while generation.changed().await.is_ok() {
+                reconfiguring.reconfigure();
+            }
+        });
         let mut accepting = Vec::new();
         for spec in specs {
             accepting.push(tokio::task::spawn_local(proxy::serve_listener(
@@ -291,6 +325,7 @@ async fn serve_admin(
     ready: Arc<AtomicUsize>,
     workers: usize,
     token_service: Option<Arc<TokenService>>,
+    policy: Arc<policy::PolicyStats>,
     mut stop: watch::Receiver<bool>,
 ) {
     let stats = Arc::new(stats);
@@ -300,12 +335,21 @@ async fn serve_admin(
             _ = stop.changed() => return,
         };
         let Ok((tcp, _)) = accepted else { continue };
-        let (stats, ready, token_service) = (stats.clone(), ready.clone(), token_service.clone());
+        let (stats, ready, token_service, policy) = (
+            stats.clone(),
+            ready.clone(),
+            token_service.clone(),
+            policy.clone(),
+        );
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let (stats, ready, token_service) =
-                        (stats.clone(), ready.clone(), token_service.clone());
+                    let (stats, ready, token_service, policy) = (
+                        stats.clone(),
+                        ready.clone(),
+                        token_service.clone(),
+                        policy.clone(),
+                    );
                     async move {
                         let response = match request.uri().path() {
                             "/ready" if ready.load(Ordering::SeqCst) >= workers => {
@@ -314,6 +358,7 @@ async fn serve_admin(
                             "/ready" => text(503, "STARTING\n".into()),
                             "/metrics" => {
                                 let mut body = stats::render(&stats);
+                                policy.render(&mut body);
                                 if let Some(service) = token_service {
                                     let request = Request::get("/metrics").body(Bytes::new());
                                     if let Ok(request) = request {

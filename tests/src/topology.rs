@@ -138,6 +138,10 @@ pub struct Options {
     /// The listeners' `request_timeout_ms` (Envoy's `request_timeout`); `None`: the default
     /// (60 s). The hostile corpus shortens it to see requests that never end answered 408.
     pub request_timeout_ms: Option<u64>,
+    /// `filter.role_files` and `filter.lock_files` of `azgate.yaml` (serve and the rendered
+    /// Envoy config; the plain test Envoy ignores them).
+    pub role_files: Vec<PathBuf>,
+    pub lock_files: Vec<PathBuf>,
 }
 
 impl Options {
@@ -524,7 +528,12 @@ async fn write_azgate_yaml(
         "workers": options.concurrency,
         "listeners": listeners,
         "admin": {"address": ports.admin.to_string()},
-        "filter": {"path": options.wasm_path()?, "config": plugin},
+        "filter": {
+            "path": options.wasm_path()?,
+            "config": plugin,
+            "role_files": options.role_files,
+            "lock_files": options.lock_files,
+        },
         "clusters": clusters,
         "token_source": {"imds_endpoint": format!("http://{}", imds.local_addr())},
         "upstream": {"extra_ca": [dir.join("ca.crt")], "resolve": resolve},

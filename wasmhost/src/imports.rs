@@ -189,7 +189,7 @@ fn buffer(state: &HostState, kind: BufferType) -> Option<&[u8]> {
             Some(state.plugin.vm_config.as_slice())
         }
         BufferType::PluginConfiguration if state.phase == Phase::Configure => {
-            Some(state.plugin.plugin_config.as_slice())
+            state.configuration.as_ref().map(|c| c.as_slice())
         }
         _ => None,
     }

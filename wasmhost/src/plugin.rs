@@ -3,8 +3,8 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use wasmtime::{Config, Engine, Instance, Linker, Module, Store, TypedFunc};
 
@@ -53,7 +53,9 @@ pub(crate) struct PluginShared {
     pub(crate) name: String,
     pub(crate) root_id: String,
     pub(crate) vm_id: String,
-    pub(crate) plugin_config: Vec<u8>,
+    /// The current plugin configuration: what a new VM is configured with, and what
+    /// [`Vm::reconfigure`] hands a running one ([`Plugin::set_plugin_config`] replaces it).
+    pub(crate) plugin_config: Mutex<Arc<Vec<u8>>>,
     pub(crate) vm_config: Vec<u8>,
     pub(crate) clusters: HashSet<String>,
     pub(crate) log_level: u32,
@@ -122,7 +124,7 @@ impl Plugin {
                 name: options.name,
                 root_id: options.root_id,
                 vm_id: options.vm_id,
-                plugin_config: options.plugin_config,
+                plugin_config: Mutex::new(Arc::new(options.plugin_config)),
                 vm_config: options.vm_config,
                 clusters: options.clusters.into_iter().collect(),
                 log_level: options.log_level,
@@ -166,9 +168,28 @@ impl Plugin {
         Ok(vm)
     }
 
+    /// Replaces the plugin configuration: VMs started from now on get it, and
+    /// [`Vm::reconfigure`] hands it to a running VM (`proxy_on_configure` again).
+    pub fn set_plugin_config(&self, config: Vec<u8>) {
+        *self.shared.current_config_slot() = Arc::new(config);
+    }
+
     /// The shared data store (for tests and metrics).
     pub fn shared_data(&self) -> &SharedData {
         &self.shared.shared_data
+    }
+}
+
+impl PluginShared {
+    fn current_config_slot(&self) -> std::sync::MutexGuard<'_, Arc<Vec<u8>>> {
+        // A poisoned lock still holds a whole configuration (it is replaced in one assignment).
+        self.plugin_config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn current_config(&self) -> Arc<Vec<u8>> {
+        self.current_config_slot().clone()
     }
 }
 
@@ -255,16 +276,35 @@ impl Vm {
                 return Err(HostError::VmStartRejected);
             }
         }
-        let config_len = self.store.data().plugin.plugin_config.len() as i32;
-        if let Some(configure) = self.callbacks.configure.clone() {
-            self.store.data_mut().phase = Phase::Configure;
-            let ok = configure.call(&mut self.store, (root, config_len));
-            self.store.data_mut().phase = Phase::Other;
-            if ok.map_err(|e| self.trapped(e))? == 0 {
-                return Err(HostError::ConfigureRejected);
-            }
+        self.configure()
+    }
+
+    /// `proxy_on_configure` with the plugin's current configuration, which buffer 7 serves
+    /// for the length of the call.
+    fn configure(&mut self) -> Result<(), HostError> {
+        let Some(configure) = self.callbacks.configure.clone() else {
+            return Ok(());
+        };
+        let config = self.store.data().plugin.current_config();
+        let config_len = config.len() as i32;
+        self.store.data_mut().configuration = Some(config);
+        self.store.data_mut().phase = Phase::Configure;
+        let ok = configure.call(&mut self.store, (ROOT_CONTEXT as i32, config_len));
+        self.store.data_mut().phase = Phase::Other;
+        self.store.data_mut().configuration = None;
+        if ok.map_err(|e| self.trapped(e))? == 0 {
+            return Err(HostError::ConfigureRejected);
         }
         Ok(())
+    }
+
+    /// Hands a running VM the plugin's current configuration ([`Plugin::set_plugin_config`]),
+    /// as Envoy does when a filter's configuration changes, without dropping its streams. A
+    /// refusal leaves the VM running with whatever the filter kept (azgate's filter keeps its
+    /// previous configuration).
+    pub fn reconfigure(&mut self) -> Result<(), HostError> {
+        self.check()?;
+        self.configure()
     }
 
     fn trapped(&mut self, error: wasmtime::Error) -> HostError {

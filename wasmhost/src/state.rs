@@ -203,6 +203,8 @@ pub(crate) struct HostState {
     /// `proxy_on_log` is running: Envoy's access-log phase, where the stream's header maps can
     /// be read but not changed.
     pub(crate) access_log: bool,
+    /// The plugin configuration `proxy_on_configure` is reading (buffer 7), set for that call.
+    pub(crate) configuration: Option<Arc<Vec<u8>>>,
 }
 
 impl HostState {
@@ -222,6 +224,7 @@ impl HostState {
             allocate: None,
             done_called: false,
             access_log: false,
+            configuration: None,
         }
     }
 

@@ -240,6 +240,20 @@ impl Worker {
         *self.tick.borrow_mut() = Some(handle);
     }
 
+    /// Hands the VM the plugin's current configuration (a policy reload). Its streams carry
+    /// on; a VM that refuses keeps its previous configuration (azgate's filter does), a VM that
+    /// traps is replaced, and the replacement starts with the current configuration.
+    pub(crate) fn reconfigure(self: &Rc<Self>) {
+        let result = self.vm.borrow_mut().reconfigure();
+        match result {
+            Ok(()) => {}
+            Err(error @ HostError::Trap(_)) => self.fail(&error),
+            Err(error) => {
+                tracing::error!(%error, "the filter refused the new policy; its previous one stays");
+            }
+        }
+    }
+
     /// A callback trapped: fail every paused request closed, log, count, and start a new VM.
     pub(crate) fn fail(self: &Rc<Self>, error: &HostError) {
         if matches!(error, HostError::Failed(_)) {

@@ -1,0 +1,164 @@
+//! Live policy reload in `azgate serve`: a lock, a role revocation and its undoing apply to the
+//! next requests without a restart (the delay is measured and must stay within 2 s), and a
+//! broken role file leaves the policy in force and is counted.
+
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "tests fail on purpose"
+)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail, ensure};
+use azgate_tests::jwt;
+use azgate_tests::pki::{AppCertSpec, Issued, KeyKind};
+use azgate_tests::topology::{Options, Runtime, Topology};
+
+const READER: &str = "/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/azgate-tests/providers/Microsoft.ManagedIdentity/userAssignedIdentities/reader";
+/// How often serve reads the policy files.
+const POLL: Duration = Duration::from_millis(500);
+/// Longest a change may take to apply (the issue's bound).
+const WITHIN: Duration = Duration::from_secs(2);
+
+fn roles(deny_reader: bool, version: &str) -> String {
+    let deny = if deny_reader {
+        format!("  deny:\n    azure_identities: ['{READER}']\n")
+    } else {
+        String::new()
+    };
+    format!(
+        "kind: role\nversion: {version}\nmetadata:\n  name: azure-reader\nspec:\n  allow:\n    \
+         azure_identities: ['{READER}']\n{deny}"
+    )
+}
+
+/// Replaces `path` at once (write and rename), as editors and `tctl get > file` via a
+/// temporary file do, so the watcher never reads half a file.
+fn replace(path: &Path, text: &str) {
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, text).unwrap();
+    std::fs::rename(&temporary, path).unwrap();
+}
+
+async fn answer(topology: &Topology, alice: &Issued) -> Result<(u16, String)> {
+    let token = jwt::sign(
+        &alice.key,
+        "ES256",
+        &serde_json::json!({"resource": "https://management.azure.com/"}),
+    )?;
+    let response = topology
+        .client(Some(alice))?
+        .get(format!("{}/reload/subscriptions", topology.gateway.url()))
+        .header("x-forwarded-host", "management.azure.com")
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    let code = response
+        .headers()
+        .get("x-azgate-error")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    Ok((status, code))
+}
+
+/// Waits until requests get `want`; returns how long that took.
+async fn until(topology: &Topology, alice: &Issued, want: (u16, &str)) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let got = answer(topology, alice).await?;
+        if got.0 == want.0 && got.1 == want.1 {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > 5 * WITHIN {
+            bail!(
+                "still {got:?} after {:?}, expected {want:?}",
+                started.elapsed()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn metric(topology: &Topology, line: &str) -> Result<u64> {
+    let text = reqwest::get(format!("http://{}/metrics", topology.gateway.admin))
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+        .unwrap_or(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_and_role_changes_apply_without_a_restart() -> Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = std::env::temp_dir().join(format!("azgate-reload-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("locks"))?;
+    let role_file = dir.join("roles.yaml");
+    replace(&role_file, &roles(false, "v7"));
+    let topology = Topology::start(
+        Runtime::Serve,
+        Options {
+            plugin_config: serde_json::json!({"roles": []}).to_string(),
+            concurrency: 2,
+            role_files: vec![role_file.clone()],
+            lock_files: vec![dir.join("locks")],
+            ..Options::default()
+        },
+    )
+    .await?;
+    let alice = topology.ca.app(
+        &AppCertSpec {
+            user: Some("alice".into()),
+            roles: vec!["azure-reader".into()],
+            selected_identity: Some(READER.into()),
+            allowed_identities: vec![READER.into()],
+            not_before_offset_s: -60,
+            not_after_offset_s: 3600,
+            ..Default::default()
+        },
+        KeyKind::P256,
+    )?;
+    ensure!(answer(&topology, &alice).await? == (200, String::new()));
+
+    let mut delays = Vec::new();
+    // A lock on alice.
+    replace(
+        &dir.join("locks/alice.yaml"),
+        "kind: lock\nversion: v2\nmetadata: {name: alice}\nspec:\n  target: {user: alice}\n  message: offboarding\n",
+    );
+    delays.push(("lock", until(&topology, &alice, (403, "Locked")).await?));
+    // The lock removed.
+    std::fs::remove_file(dir.join("locks/alice.yaml"))?;
+    delays.push(("unlock", until(&topology, &alice, (200, "")).await?));
+    // The role revoked (deny wins), then restored.
+    replace(&role_file, &roles(true, "v7"));
+    delays.push((
+        "revoke",
+        until(&topology, &alice, (403, "IdentityNotAllowed")).await?,
+    ));
+    replace(&role_file, &roles(false, "v8"));
+    delays.push(("restore", until(&topology, &alice, (200, "")).await?));
+    for (what, delay) in &delays {
+        println!("{what}: in force after {} ms", delay.as_millis());
+        ensure!(*delay <= WITHIN, "{what} took {delay:?}");
+    }
+    ensure!(metric(&topology, "azgate_policy_reloads_total{result=\"ok\"}").await? == 4);
+
+    // A broken role file keeps the policy in force (alice still allowed), and is counted.
+    replace(&role_file, &roles(true, "v99"));
+    tokio::time::sleep(3 * POLL).await;
+    ensure!(answer(&topology, &alice).await? == (200, String::new()));
+    ensure!(metric(&topology, "azgate_policy_reloads_total{result=\"error\"}").await? == 1);
+    // Fixed again: applied.
+    replace(&role_file, &roles(true, "v7"));
+    until(&topology, &alice, (403, "IdentityNotAllowed")).await?;
+    drop(topology);
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
