@@ -53,7 +53,15 @@ pub struct RenderOptions {
     pub system_ca_file: Option<PathBuf>,
     /// Named in the header comment.
     pub source: PathBuf,
+    /// Deliver the wasm filter's configuration through Envoy's extension config discovery
+    /// (ECDS) from this file ([`render_filter_resource`]), which Envoy watches and applies live,
+    /// instead of inline. `azgate envoy-config --output` uses it when there are policy files.
+    pub filter_resource: Option<PathBuf>,
 }
+
+/// The wasm filter's name in the connection manager, and its ECDS resource name.
+const WASM_FILTER_NAME: &str = "envoy.filters.http.wasm";
+const WASM_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
 
 /// The least time between two reloads of a worker's trapped VM (`reload_config.backoff`); Envoy's
 /// default is 1 s. A reload is one VM clone, so a trap storm costs at most a few clones a
@@ -70,6 +78,29 @@ pub fn render(config: &ServeConfig, options: &RenderOptions) -> Result<String, C
     let yaml = serde_yaml::to_string(&document)
         .map_err(|e| ConfigError::new("(rendering)", e.to_string()))?;
     Ok(format!("{}{yaml}", header(config, options)))
+}
+
+/// The ECDS resource file for [`RenderOptions::filter_resource`]: a discovery response holding
+/// the wasm filter's configuration (the plugin configuration with the role and lock files
+/// merged). Re-rendering it after a policy change and moving it into place applies the change
+/// in Envoy without a restart: new requests get a filter with the new configuration, requests
+/// in flight finish with the old one.
+pub fn render_filter_resource(config: &ServeConfig) -> Result<String, ConfigError> {
+    let filter = wasm_filter(config)?;
+    let document = json!({
+        "resources": [{
+            "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+            "name": WASM_FILTER_NAME,
+            "typed_config": filter["typed_config"],
+        }],
+    });
+    let yaml = serde_yaml::to_string(&document)
+        .map_err(|e| ConfigError::new("(rendering)", e.to_string()))?;
+    Ok(format!(
+        "# The azgate filter's configuration for Envoy's extension config discovery, rendered by\n\
+         # `azgate envoy-config` from {}. Replace it by a rename.\n{yaml}",
+        config.filter.path.display()
+    ))
 }
 
 /// The configuration as a JSON value (what [`render`] writes as YAML).
@@ -156,7 +187,29 @@ pub fn envoy_document(config: &ServeConfig, options: &RenderOptions) -> Result<V
         "name": "azure",
         "virtual_hosts": [{"name": "azure", "domains": ["*"], "routes": routes}],
     });
-    let wasm_filter = wasm_filter(config)?;
+    let wasm_filter = match &options.filter_resource {
+        None => wasm_filter(config)?,
+        Some(path) => {
+            let file = path_text(path, "--output")?;
+            let directory = path
+                .parent()
+                .map(|d| path_text(d, "--output"))
+                .transpose()?
+                .unwrap_or_else(|| ".".into());
+            json!({
+                "name": WASM_FILTER_NAME,
+                "config_discovery": {
+                    // Envoy re-reads the file when one is moved into the directory, so the
+                    // resource is replaced by a rename, never seen half-written.
+                    "config_source": {
+                        "path_config_source": {"path": file, "watched_directory": {"path": directory}},
+                        "resource_api_version": "V3",
+                    },
+                    "type_urls": [WASM_TYPE_URL],
+                },
+            })
+        }
+    };
     let body_limit = u32::try_from(config.upstream.max_request_body_bytes())
         .map_err(|_| ConfigError::new("upstream.max_request_body_bytes", "at most 4294967295"))?;
     let mut listeners = Vec::new();
@@ -173,6 +226,9 @@ pub fn envoy_document(config: &ServeConfig, options: &RenderOptions) -> Result<V
     }
 
     let mut document = json!({
+        // Envoy requires a node identity for any subscription, the filesystem one included
+        // (ECDS); `--service-node`/`--service-cluster` override it.
+        "node": {"id": "azgate", "cluster": "azgate"},
         "static_resources": {"listeners": listeners, "clusters": clusters},
         "overload_manager": {
             "resource_monitors": [{
@@ -341,9 +397,9 @@ fn wasm_filter(config: &ServeConfig) -> Result<Value, ConfigError> {
     let plugin_config = String::from_utf8(config.plugin_config()?)
         .map_err(|e| ConfigError::new("filter.config", e.to_string()))?;
     Ok(json!({
-        "name": "envoy.filters.http.wasm",
+        "name": WASM_FILTER_NAME,
         "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "@type": WASM_TYPE_URL,
             "config": {
                 "name": filter.name,
                 "root_id": filter.root_id,

@@ -63,6 +63,10 @@ enum Command {
         /// Linux locations).
         #[arg(long)]
         system_ca_file: Option<PathBuf>,
+        /// Keep running: re-render the filter's configuration when the role or lock files
+        /// change, so Envoy applies the new policy live (needs --output and policy files).
+        #[arg(long)]
+        watch: bool,
     },
     /// Dev CA for Teleport-format app certificates: `init`, `issue`, `server`.
     #[command(subcommand)]
@@ -224,21 +228,44 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             output,
             token_service_address,
             system_ca_file,
+            watch,
         } => {
             let config = azgate::serve::ServeConfig::load(&path)
                 .map_err(|e| format!("invalid configuration: {e}"))?;
+            // With policy files and a file to write, the filter's configuration goes to a
+            // resource Envoy watches (ECDS), so policy changes apply without a restart.
+            let filter_resource = match &output {
+                Some(file) if !config.policy_sources().is_empty() => Some(
+                    std::path::absolute(file.with_extension("filter.yaml"))
+                        .map_err(|e| format!("{}: {e}", file.display()))?,
+                ),
+                _ => None,
+            };
+            if watch && filter_resource.is_none() {
+                return Err(
+                    "--watch needs --output and filter.role_files or filter.lock_files".into(),
+                );
+            }
             let options = azgate::envoy_config::RenderOptions {
                 token_service_address,
                 system_ca_file,
                 source: path,
+                filter_resource: filter_resource.clone(),
             };
             let text = azgate::envoy_config::render(&config, &options)
                 .map_err(|e| format!("cannot render: {e}"))?;
-            match output {
-                Some(file) => {
-                    std::fs::write(&file, text).map_err(|e| format!("{}: {e}", file.display()))?
-                }
+            let mut resource = String::new();
+            if let Some(resource_path) = &filter_resource {
+                resource = azgate::envoy_config::render_filter_resource(&config)
+                    .map_err(|e| format!("cannot render: {e}"))?;
+                replace_file(resource_path, &resource)?;
+            }
+            match &output {
+                Some(file) => replace_file(file, &text)?,
                 None => print!("{text}"),
+            }
+            if let (true, Some(resource_path)) = (watch, filter_resource) {
+                watch_policy(&config, &resource_path, resource);
             }
             Ok(())
         }
@@ -384,6 +411,54 @@ pub(crate) async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate => {}
+    }
+}
+
+/// Writes `path` by a rename from a temporary file beside it, so a reader (Envoy watching the
+/// directory) never sees half a file.
+fn replace_file(path: &std::path::Path, text: &str) -> Result<(), String> {
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, text)
+        .and_then(|()| std::fs::rename(&temporary, path))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// `envoy-config --watch`: re-renders the filter resource every 500 ms, as `azgate serve`
+/// re-reads its policy files, and moves a changed one into place when the filter accepts its
+/// configuration. A refused or unreadable policy keeps the resource in force and is logged once.
+fn watch_policy(
+    config: &azgate::serve::ServeConfig,
+    resource_path: &std::path::Path,
+    mut current: String,
+) {
+    tracing::info!(resource = %resource_path.display(), "watching the policy files");
+    let mut refused: Option<String> = None;
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let rendered = config
+            .plugin_config()
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                azgate_filter::config::Config::parse(&bytes).map_err(|e| e.to_string())?;
+                azgate::envoy_config::render_filter_resource(config).map_err(|e| e.to_string())
+            });
+        match rendered {
+            Ok(text) if text == current => {}
+            Ok(text) => match replace_file(resource_path, &text) {
+                Ok(()) => {
+                    tracing::info!("policy files changed: the new filter configuration is written");
+                    current = text;
+                    refused = None;
+                }
+                Err(error) => tracing::error!(%error, "could not write the filter resource"),
+            },
+            Err(error) => {
+                if refused.as_ref() != Some(&error) {
+                    tracing::error!(%error, "the changed policy is refused; the policy in force stays");
+                    refused = Some(error);
+                }
+            }
+        }
     }
 }
 

@@ -178,6 +178,8 @@ pub struct Gateway {
     child: Child,
     /// `azgate token-service`, for the rendered Envoy configuration.
     token_service: Option<Child>,
+    /// `azgate envoy-config --watch`, for the rendered Envoy configuration with policy files.
+    policy_watcher: Option<Child>,
     dir: PathBuf,
     log: PathBuf,
 }
@@ -259,6 +261,7 @@ impl Gateway {
             admin,
         };
         let mut token_service = None;
+        let mut policy_watcher = None;
         let mut command = match runtime {
             Runtime::Envoy => envoy_command(&dir, &ports, imds, azure, options).await?,
             Runtime::Serve => serve_command(&dir, &ports, imds, azure, options).await?,
@@ -271,8 +274,19 @@ impl Gateway {
                     // Not used: every cluster has an address.
                     free_port()?.to_string()
                 };
-                rendered_envoy_command(&dir, &ports, imds, azure, options, token_service_address)
-                    .await?
+                let command = rendered_envoy_command(
+                    &dir,
+                    &ports,
+                    imds,
+                    azure,
+                    options,
+                    &token_service_address,
+                )
+                .await?;
+                if !options.role_files.is_empty() || !options.lock_files.is_empty() {
+                    policy_watcher = Some(start_policy_watcher(&dir, &token_service_address)?);
+                }
+                command
             }
         };
         let log = dir.join("gateway.log");
@@ -290,6 +304,7 @@ impl Gateway {
             admin,
             child,
             token_service,
+            policy_watcher,
             dir,
             log,
         };
@@ -386,10 +401,10 @@ async fn rendered_envoy_command(
     imds: &Emulator,
     azure: &FakeAzure,
     options: &Options,
-    token_service_address: String,
+    token_service_address: &str,
 ) -> Result<Command> {
     let config_path = write_azgate_yaml(dir, ports, imds, azure, options).await?;
-    let envoy_config = render_envoy_config(&config_path, &token_service_address).await?;
+    let envoy_config = render_envoy_config(&config_path, token_service_address).await?;
     let mut command = Command::new(envoy_binary()?);
     command
         .arg("-c")
@@ -425,6 +440,26 @@ pub async fn render_envoy_config(
         );
     }
     Ok(output)
+}
+
+/// `azgate envoy-config --watch` on the topology's `azgate.yaml`: re-renders the filter's ECDS
+/// resource beside `envoy.yaml` when the policy files change.
+fn start_policy_watcher(dir: &Path, token_service_address: &str) -> Result<Child> {
+    let log = std::fs::File::create(dir.join("policy-watcher.log"))?;
+    Ok(Command::new(azgate_binary()?)
+        .arg("envoy-config")
+        .arg("--config")
+        .arg(dir.join("azgate.yaml"))
+        .arg("--output")
+        .arg(dir.join("envoy.yaml"))
+        .arg("--token-service-address")
+        .arg(token_service_address)
+        .arg("--watch")
+        .env("AZGATE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()?)
 }
 
 /// `azgate token-service` on a unix socket in `dir` (as the production units may run it),
@@ -602,8 +637,11 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
-        if let Some(token_service) = &mut self.token_service {
-            let _ = token_service.start_kill();
+        for helper in [&mut self.token_service, &mut self.policy_watcher]
+            .into_iter()
+            .flatten()
+        {
+            let _ = helper.start_kill();
         }
         if std::env::var_os("AZGATE_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);

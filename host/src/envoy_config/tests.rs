@@ -26,7 +26,7 @@ impl Fixture {
             ("azgate.wasm", "wasm"),
             (
                 "roles.yaml",
-                "kind: role\nversion: v7\nmetadata: {name: reader}\nspec:\n  allow:\n    azure_identities: [\"/subscriptions/s/id\"]\n",
+                "kind: role\nversion: v7\nmetadata: {name: reader}\nspec:\n  allow:\n    azure_identities: [\"/subscriptions/0/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/reader\"]\n",
             ),
             ("azgate.yaml", yaml),
         ] {
@@ -45,6 +45,7 @@ impl Fixture {
             token_service_address: "127.0.0.1:50342".parse().unwrap(),
             system_ca_file: Some(self.dir.join("system.crt")),
             source: self.dir.join("azgate.yaml"),
+            filter_resource: None,
         }
     }
 }
@@ -300,6 +301,7 @@ fn the_shipped_example_configuration_loads_and_renders() {
         token_service_address: DEFAULT_TOKEN_SERVICE_ADDRESS.parse().unwrap(),
         system_ca_file: Some("/etc/ssl/certs/ca-certificates.crt".into()),
         source: example.clone(),
+        filter_resource: None,
     };
     let document = envoy_document(&config, &options).unwrap();
     assert_eq!(
@@ -459,4 +461,38 @@ fn envoys_own_refusals_get_azgates_error_shape_and_the_filters_answers_are_left_
         let code = &mapper["body_format_override"]["json_format"]["error"]["code"];
         assert_eq!(mapper["headers_to_add"][0]["header"]["value"], *code);
     }
+}
+
+#[test]
+fn with_policy_files_the_filter_configuration_is_an_ecds_resource_envoy_watches() {
+    let fixture = Fixture::new("ecds", GATEWAY);
+    let config = ServeConfig::load(&fixture.dir.join("azgate.yaml")).unwrap();
+    let resource = fixture.dir.join("envoy.filter.yaml");
+    let options = RenderOptions {
+        filter_resource: Some(resource.clone()),
+        ..fixture.options()
+    };
+    let document = envoy_document(&config, &options).unwrap();
+    assert_eq!(document["node"]["id"], "azgate");
+    let filters = hcm(&document, 0)["http_filters"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(filters[0]["name"], "envoy.filters.http.wasm");
+    assert!(filters[0].get("typed_config").is_none());
+    let source = &filters[0]["config_discovery"]["config_source"]["path_config_source"];
+    assert_eq!(source["path"], resource.display().to_string());
+    assert_eq!(
+        source["watched_directory"]["path"],
+        fixture.dir.display().to_string()
+    );
+    // The resource holds what the inline configuration would have held.
+    let text = render_filter_resource(&config).unwrap();
+    let parsed: Value = serde_yaml::from_str(&text).unwrap();
+    let inline = envoy_document(&config, &fixture.options()).unwrap();
+    assert_eq!(
+        parsed["resources"][0]["typed_config"],
+        hcm(&inline, 0)["http_filters"][0]["typed_config"]
+    );
+    assert_eq!(parsed["resources"][0]["name"], "envoy.filters.http.wasm");
 }
