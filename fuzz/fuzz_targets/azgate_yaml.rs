@@ -42,6 +42,7 @@ fuzz_target!(|data: &[u8]| {
             .expect("the default token service address parses"),
         system_ca_file: Some(PathBuf::from("/etc/ssl/certs/ca-certificates.crt")),
         source: path.clone(),
+        filter_resource: None,
     };
     let (Ok(document), Ok(rendered)) = (
         envoy_config::envoy_document(&config, &options),

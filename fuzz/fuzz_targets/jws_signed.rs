@@ -1,5 +1,5 @@
 //! JWS verification on tokens whose header and payload are built by the fuzzer and then signed
-//! with a fixture key, so the header and claim parsing behind the signature check is reached.
+//! with the P-256 fixture key, so the header and claim parsing behind the signature check is reached.
 //! Checks: a verified token meets the JWS contract (JSON objects, no duplicate keys, pinned
 //! `alg`, no `crit`, `typ` absent or `JWT`, a string `resource`) and its claims are the
 //! payload's; a plain well-formed token verifies; the other fixture key never verifies it.
@@ -154,7 +154,6 @@ impl Part {
 
 #[derive(Arbitrary, Debug)]
 struct Input {
-    key: u8,
     header: Part,
     payload: Part,
 }
@@ -189,12 +188,10 @@ fn must_verify(input: &Input, which: Which) -> Option<String> {
 
 fuzz_target!(|input: Input| {
     let fx = fixtures();
-    // RSA signing is ~100x slower than P-256: one input in 64.
-    let (which, other) = if input.key % 64 == 0 {
-        (Which::Rsa, Which::P256)
-    } else {
-        (Which::P256, Which::Rsa)
-    };
+    // Signed with the P-256 key only: RSA signing under the sanitizer took ~90 % of the time
+    // even for one input in 64 (mutations keep the selector byte), and what follows the
+    // signature check does not depend on the key. RS256 tokens are `jws_verify`'s seeds.
+    let (which, other) = (Which::P256, Which::Rsa);
     let header = input.header.render();
     let payload = input.payload.render();
     let token = fx.sign(which, &header, &payload);
