@@ -59,6 +59,8 @@ pub struct AuditFields {
     pub method: String,
     /// `:path` without its query (sanitised).
     pub path: String,
+    /// The Teleport lock that refused the request, if one did.
+    pub lock: Option<String>,
 }
 
 impl AuditFields {
@@ -92,6 +94,9 @@ impl AuditFields {
         });
         if status != 0 {
             line["status"] = status.into();
+        }
+        if let Some(lock) = &self.lock {
+            line["lock"] = lock.as_str().into();
         }
         line.to_string()
     }
@@ -227,7 +232,13 @@ fn decide_into(
     cert.check_validity(now, config.clock_skew_s)?;
     cert.check_route(&config.certificate)?;
     // Before the token's verification (cached or not) is looked at: a lock ends access at once.
-    config.locks.check(&cert.user, &cert.roles, now)?;
+    config
+        .locks
+        .check(&cert.user, &cert.roles, now)
+        .map_err(|(lock, refusal)| {
+            audit.lock = Some(printable(&lock));
+            refusal
+        })?;
     let selected = cert.selected_identity.as_deref().ok_or_else(|| {
         Refusal::NoIdentitySelected(
             "the certificate selects no Azure identity; log in with --azure-identity".into(),
@@ -393,6 +404,21 @@ mod tests {
             public_key: crate::jwt::tests::public(key),
             fingerprint: [fingerprint; 32],
         }
+    }
+
+    #[test]
+    fn the_audit_line_names_the_lock_that_refused() {
+        let audit = AuditFields {
+            lock: Some("offboarding-alice".into()),
+            ..AuditFields::for_request("GET", "/x")
+        };
+        let refusal = Refusal::Locked("lock in force".into());
+        let line: serde_json::Value = serde_json::from_str(&audit.line(Err(&refusal))).unwrap();
+        assert_eq!(line["code"], "Locked");
+        assert_eq!(line["lock"], "offboarding-alice");
+        let line: serde_json::Value =
+            serde_json::from_str(&AuditFields::default().line(Ok(()))).unwrap();
+        assert!(line.get("lock").is_none());
     }
 
     #[test]

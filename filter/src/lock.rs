@@ -156,9 +156,9 @@ impl LockSet {
         self.locks.is_empty()
     }
 
-    /// The first lock in force at `now` for `user` holding `roles`, as a refusal naming the
-    /// lock's target and message (Teleport's wording).
-    pub fn check(&self, user: &str, roles: &[String], now: i64) -> Result<(), Refusal> {
+    /// The first lock in force at `now` for `user` holding `roles`: its name (for the audit
+    /// line) and the refusal naming its target and message (Teleport's wording).
+    pub fn check(&self, user: &str, roles: &[String], now: i64) -> Result<(), (String, Refusal)> {
         for lock in &self.locks {
             if lock.expires.is_some_and(|expires| now >= expires) {
                 continue;
@@ -175,7 +175,7 @@ impl LockSet {
                 message.push_str(": ");
                 message.push_str(text);
             }
-            return Err(Refusal::Locked(message));
+            return Err((lock.name.clone(), Refusal::Locked(message)));
         }
         Ok(())
     }
@@ -212,14 +212,15 @@ mod tests {
             ),
         ])
         .unwrap();
-        let err = set.check("alice", &roles(&["dev"]), 0).unwrap_err();
+        let (name, err) = set.check("alice", &roles(&["dev"]), 0).unwrap_err();
+        assert_eq!(name, "l1");
         assert_eq!(err.code(), "Locked");
         assert_eq!(err.status(), 403);
         assert_eq!(
             err.message(),
             "lock \"l1\" targeting User:\"alice\" is in force: offboarding"
         );
-        let err = set
+        let (_, err) = set
             .check("bob", &roles(&["dev", "contractor"]), 0)
             .unwrap_err();
         assert!(

@@ -227,6 +227,31 @@ impl Topology {
         }
         Ok(builder.build()?)
     }
+
+    /// What tsh would send for `caller`: `GET <path>` to Resource Manager through the gateway,
+    /// with a proof-of-possession token for it signed by the caller's key. Returns the status
+    /// and the `x-azgate-error` code (empty when there is none).
+    pub async fn get_as(&self, caller: &Issued, path: &str) -> Result<(u16, String)> {
+        let token = crate::jwt::sign(
+            &caller.key,
+            crate::jwt::alg_for(&caller.key),
+            &serde_json::json!({"resource": "https://management.azure.com/"}),
+        )?;
+        let response = self
+            .client(Some(caller))?
+            .get(format!("{}{path}", self.gateway.url()))
+            .header("x-forwarded-host", "management.azure.com")
+            .header("authorization", format!("Bearer {token}"))
+            .send()
+            .await?;
+        let code = response
+            .headers()
+            .get("x-azgate-error")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        Ok((response.status().as_u16(), code))
+    }
 }
 
 impl Gateway {

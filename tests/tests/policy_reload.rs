@@ -14,7 +14,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
-use azgate_tests::jwt;
 use azgate_tests::pki::{AppCertSpec, Issued, KeyKind};
 use azgate_tests::topology::{Options, Runtime, Topology};
 
@@ -45,26 +44,7 @@ fn replace(path: &Path, text: &str) {
 }
 
 async fn answer(topology: &Topology, alice: &Issued) -> Result<(u16, String)> {
-    let token = jwt::sign(
-        &alice.key,
-        "ES256",
-        &serde_json::json!({"resource": "https://management.azure.com/"}),
-    )?;
-    let response = topology
-        .client(Some(alice))?
-        .get(format!("{}/reload/subscriptions", topology.gateway.url()))
-        .header("x-forwarded-host", "management.azure.com")
-        .header("authorization", format!("Bearer {token}"))
-        .send()
-        .await?;
-    let status = response.status().as_u16();
-    let code = response
-        .headers()
-        .get("x-azgate-error")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    Ok((status, code))
+    topology.get_as(alice, "/reload/subscriptions").await
 }
 
 /// Waits until requests get `want`; returns how long that took.

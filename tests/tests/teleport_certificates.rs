@@ -11,7 +11,6 @@
 )]
 
 use anyhow::{Context, Result, ensure};
-use azgate_tests::jwt;
 use azgate_tests::pki::{Issued, PrivateKey, TestCa};
 use azgate_tests::topology::{AZURE_HOSTS, Options, Runtime, Topology, repo_root};
 use azgate_tests::upstream::{FakeAzure, msi_token_claims};
@@ -32,32 +31,6 @@ fn plugin_config(app: &str) -> String {
         "allowed_clusters": ["teleport.example.com"],
     })
     .to_string()
-}
-
-async fn request(topology: &Topology, issued: &Issued) -> Result<(u16, String)> {
-    let token = jwt::sign(
-        &issued.key,
-        jwt::alg_for(&issued.key),
-        &serde_json::json!({"resource": "https://management.azure.com/"}),
-    )?;
-    let response = topology
-        .client(Some(issued))?
-        .get(format!(
-            "{}/go-fixture/subscriptions?api-version=2022-12-01",
-            topology.gateway.url()
-        ))
-        .header("x-forwarded-host", "management.azure.com")
-        .header("authorization", format!("Bearer {token}"))
-        .send()
-        .await?;
-    let status = response.status().as_u16();
-    let code = response
-        .headers()
-        .get("x-azgate-error")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    Ok((status, code))
 }
 
 async fn run(runtime: Runtime, app: &str) -> Result<Vec<(u16, String)>> {
@@ -84,7 +57,12 @@ async fn run(runtime: Runtime, app: &str) -> Result<Vec<(u16, String)>> {
             key_pem: fixture(&format!("{name}.key"))?,
             key: PrivateKey::from_pem(&fixture(&format!("{name}.key"))?)?,
         };
-        answers.push(request(&topology, &issued).await.context(name)?);
+        answers.push(
+            topology
+                .get_as(&issued, "/go-fixture/subscriptions?api-version=2022-12-01")
+                .await
+                .context(name)?,
+        );
     }
     let seen = topology.azure.seen_with_path("/go-fixture/");
     for request in &seen {

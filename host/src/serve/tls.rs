@@ -153,7 +153,73 @@ pub(crate) struct PeerCertificate {
 pub(crate) fn certificate_subject(path: &std::path::Path) -> Option<String> {
     let first = read_certs(path).ok()?.into_iter().next()?;
     let cert = x509_cert::Certificate::from_der(first.as_ref()).ok()?;
-    Some(cert.tbs_certificate.subject.to_string())
+    Some(rfc2253(&cert.tbs_certificate.subject))
+}
+
+/// OpenSSL's short names, as Envoy (BoringSSL's `X509_NAME_print_ex` with `XN_FLAG_RFC2253`)
+/// prints them in `connection.subject_*`; other attributes print as the dotted OID.
+const SHORT_NAMES: &[(&str, &str)] = &[
+    ("2.5.4.3", "CN"),
+    ("2.5.4.6", "C"),
+    ("2.5.4.7", "L"),
+    ("2.5.4.8", "ST"),
+    ("2.5.4.9", "street"),
+    ("2.5.4.10", "O"),
+    ("2.5.4.11", "OU"),
+    ("2.5.4.17", "postalCode"),
+    ("2.5.4.5", "serialNumber"),
+    ("0.9.2342.19200300.100.1.25", "DC"),
+    ("0.9.2342.19200300.100.1.1", "UID"),
+    ("1.2.840.113549.1.9.1", "emailAddress"),
+];
+
+/// A Subject as Envoy prints it: RDNs last first, a multi-valued RDN's attributes joined by
+/// `+`; known attributes as text (RFC 2253 escapes, control and non-ASCII bytes as `\XX`),
+/// others as `#` and their DER in upper-case hex.
+fn rfc2253(name: &x509_cert::name::Name) -> String {
+    use x509_cert::der::Encode;
+    let mut rdns = Vec::new();
+    for rdn in name.0.iter().rev() {
+        let mut attributes = Vec::new();
+        for attribute in rdn.0.iter() {
+            let oid = attribute.oid.to_string();
+            let known = SHORT_NAMES.iter().find(|(o, _)| *o == oid);
+            let text = std::str::from_utf8(attribute.value.value()).ok();
+            let rendered = match (known, text) {
+                (Some((_, short)), Some(text)) => format!("{short}={}", escape_2253(text)),
+                _ => {
+                    let der = attribute.value.to_der().unwrap_or_default();
+                    let hex: String = der.iter().map(|b| format!("{b:02X}")).collect();
+                    format!("{}=#{hex}", known.map_or(oid.as_str(), |(_, s)| s))
+                }
+            };
+            attributes.push(rendered);
+        }
+        rdns.push(attributes.join("+"));
+    }
+    rdns.join(",")
+}
+
+/// RFC 2253 escaping as BoringSSL does it for `XN_FLAG_RFC2253`.
+fn escape_2253(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = String::new();
+    for (i, &b) in bytes.iter().enumerate() {
+        let edge = (i == 0 && (b == b'#' || b == b' ')) || (i + 1 == bytes.len() && b == b' ');
+        match b {
+            b',' | b'+' | b'"' | b'\\' | b'<' | b'>' | b';' => {
+                out.push('\\');
+                out.push(char::from(b));
+            }
+            _ if edge => {
+                out.push('\\');
+                out.push(char::from(b));
+            }
+            0x00..=0x1f | 0x7f..=0xff => out.push_str(&format!("\\{b:02X}")),
+            _ => out.push(char::from(b)),
+        }
+    }
+    out
 }
 
 /// Envoy's name of a TLS version (`connection.tls_version`).
@@ -189,7 +255,7 @@ pub(crate) fn peer_certificate(der: &[u8]) -> PeerCertificate {
     }
     pem.push_str("-----END CERTIFICATE-----\n");
     let subject = x509_cert::Certificate::from_der(der)
-        .map(|cert| cert.tbs_certificate.subject.to_string())
+        .map(|cert| rfc2253(&cert.tbs_certificate.subject))
         .unwrap_or_default();
     PeerCertificate {
         xfcc: format!(
