@@ -405,12 +405,17 @@ fn identity_from_certificate(cert: &Certificate, der: &[u8]) -> Result<AppIdenti
             if !wanted.contains(&attr.oid) {
                 continue;
             }
-            let value = attribute_string(&attr.value).ok_or_else(|| {
-                Refusal::InvalidClientCertificate(format!(
+            let Some(value) = attribute_string(&attr.value) else {
+                // An OU azgate cannot read is no usage it could require; other attributes it
+                // reads must be text.
+                if attr.oid == OID_ORGANIZATIONAL_UNIT {
+                    continue;
+                }
+                return Err(Refusal::InvalidClientCertificate(format!(
                     "subject attribute {} is not a string",
                     attr.oid
-                ))
-            })?;
+                )));
+            };
             match attr.oid {
                 OID_COMMON_NAME => {
                     if user.replace(value).is_some() {

@@ -14,6 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
+use azgate::emulator::Fault;
 use azgate_tests::pki::{AppCertSpec, Issued, KeyKind};
 use azgate_tests::topology::{Options, Runtime, Topology};
 
@@ -123,7 +124,56 @@ async fn scenario(runtime: Runtime) -> Result<()> {
         },
         KeyKind::P256,
     )?;
-    ensure!(answer(&topology, &alice).await? == (200, String::new()));
+    // A request in flight across a reload finishes under the policy it was decided by: alice's
+    // token fetch is slowed; meanwhile locks on alice and carol apply (carol, whom no role
+    // allows, is refused before any token, so polling her measures the reload alone), and the
+    // paused request is still answered (its fetch survives the reconfiguration).
+    let carol = topology.ca.app(
+        &AppCertSpec {
+            user: Some("carol".into()),
+            roles: vec!["nobody".into()],
+            selected_identity: Some(READER.into()),
+            allowed_identities: vec![READER.into()],
+            not_before_offset_s: -60,
+            not_after_offset_s: 3600,
+            ..Default::default()
+        },
+        KeyKind::P256,
+    )?;
+    ensure!(answer(&topology, &carol).await? == (403, "IdentityNotAllowed".into()));
+    topology
+        .imds
+        .set_fault(Fault::Slow(Duration::from_millis(2500)));
+    let in_flight = {
+        let (topology, alice) = (&topology, &alice);
+        async move { answer(topology, alice).await }
+    };
+    let locking = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        replace(
+            &dir.join("locks/alice.yaml"),
+            "kind: lock\nversion: v2\nmetadata: {name: alice}\nspec:\n  target: {user: alice}\n\
+             ---\nkind: lock\nversion: v2\nmetadata: {name: carol}\nspec:\n  target: {user: carol}\n",
+        );
+        let locked = until(&topology, &carol, (403, "Locked")).await;
+        std::fs::remove_file(dir.join("locks/alice.yaml")).map_err(anyhow::Error::from)?;
+        locked
+    };
+    let (first, locked) = tokio::join!(in_flight, locking);
+    ensure!(
+        first? == (200, String::new()),
+        "the request in flight was answered under its policy"
+    );
+    let locked = locked?;
+    println!(
+        "{}: lock applied after {} ms while a request was in flight",
+        runtime.name(),
+        locked.as_millis()
+    );
+    ensure!(locked <= WITHIN, "the lock took {locked:?}");
+    topology.imds.set_fault(Fault::None);
+    until(&topology, &alice, (200, "")).await?;
+    ensure!(answer(&topology, &carol).await? == (403, "IdentityNotAllowed".into()));
 
     let mut delays = Vec::new();
     // A lock on alice.
@@ -153,7 +203,8 @@ async fn scenario(runtime: Runtime) -> Result<()> {
     }
     let serve = runtime == Runtime::Serve;
     if serve {
-        ensure!(metric(&topology, "azgate_policy_reloads_total{result=\"ok\"}").await? == 4);
+        // Lock and unlock around the request in flight, then the four steps.
+        ensure!(metric(&topology, "azgate_policy_reloads_total{result=\"ok\"}").await? == 6);
     }
 
     // A broken role file keeps the policy in force (alice still allowed), and is counted.
