@@ -45,6 +45,13 @@ pub const MAX_REQUEST_HEADERS_BYTES: u32 = 60 * 1024;
 /// Most header fields a request may carry (Envoy's `max_headers_count` default); 431 beyond.
 pub const MAX_REQUEST_HEADERS: usize = 100;
 
+/// Whether a request with `fields` header fields, Host not counted, is over
+/// [`MAX_REQUEST_HEADERS`] as Envoy counts: with the four pseudo-headers (`:method`, `:scheme`,
+/// `:authority` — HTTP/1.1's Host —, `:path`), refusing the 100th.
+pub(crate) fn too_many_header_fields(fields: usize) -> bool {
+    fields + 4 >= MAX_REQUEST_HEADERS
+}
+
 /// Default `upstream.max_request_body_bytes`.
 pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 32 << 20;
 

@@ -25,17 +25,13 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::config::{MAX_REQUEST_HEADERS, MAX_REQUEST_HEADERS_BYTES};
+use super::config::{MAX_REQUEST_HEADERS_BYTES, too_many_header_fields};
 use super::error::ServeError;
 
 /// What hyper parses in place of a refused head; the handler answers it from [`Verdicts`].
 const STAND_IN: &[u8] = b"GET / HTTP/1.1\r\nhost: azgate.invalid\r\nconnection: close\r\n\r\n";
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// The pseudo-headers Envoy counts besides a request's fields (`:method`, `:scheme`,
-/// `:authority` for Host, `:path`).
-const PSEUDO_HEADERS: usize = 4;
 
 /// The guard's decision for each request head it let through, in order: `None` to serve it,
 /// or the refusal to answer instead.
@@ -336,7 +332,7 @@ fn check_head(head: &[u8]) -> Result<Framing, ServeError> {
             codings = Some(value);
         }
     }
-    if fields - usize::from(host) + PSEUDO_HEADERS >= MAX_REQUEST_HEADERS {
+    if too_many_header_fields(fields - usize::from(host)) {
         return Err(ServeError::RequestHeaderFieldsTooLarge);
     }
     if let Some(codings) = codings {

@@ -20,16 +20,12 @@ use tokio_rustls::TlsAcceptor;
 
 use azgate_wasmhost::{HeaderList, HostError, LocalResponse, StreamInfo};
 
-use super::config::{MAX_REQUEST_HEADERS, MAX_REQUEST_HEADERS_BYTES};
+use super::config::{MAX_REQUEST_HEADERS_BYTES, too_many_header_fields};
 use super::error::ServeError;
 use super::http1_guard::{Http1Guard, Verdicts};
 use super::tls::{self, PeerCertificate};
 use super::upstream::{AzureClient, BoxError};
 use super::worker::{Outcome, Pending, Worker};
-
-/// The pseudo-headers a request has besides its header fields (`:method`, `:scheme`,
-/// `:authority`, `:path`), counted against [`MAX_REQUEST_HEADERS`] as Envoy counts them.
-const PSEUDO_HEADERS: usize = 4;
 
 /// Body of every response the gateway sends.
 pub(crate) type ResponseBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
@@ -381,15 +377,14 @@ fn refuse_early(request: &Request<Incoming>) -> Result<(), ServeError> {
             name.as_str()
         )));
     }
-    // Host is HTTP/1.1's `:authority`, already among the pseudo-headers.
+    // Host is HTTP/1.1's `:authority`, counted among the pseudo-headers.
     let host = usize::from(headers.contains_key(http::header::HOST));
-    let fields = headers.len() - host + PSEUDO_HEADERS;
     let bytes: usize = headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len())
         .sum();
     // Envoy refuses the 100th field (pseudo-headers included) and a block over 60 KiB.
-    if fields >= MAX_REQUEST_HEADERS || bytes > MAX_REQUEST_HEADERS_BYTES as usize {
+    if too_many_header_fields(headers.len() - host) || bytes > MAX_REQUEST_HEADERS_BYTES as usize {
         return Err(ServeError::RequestHeaderFieldsTooLarge);
     }
     Ok(())
