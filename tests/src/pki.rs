@@ -117,6 +117,22 @@ pub struct AppCertSpec {
     pub not_after_offset_s: i64,
 }
 
+impl AppCertSpec {
+    /// `user` holding `roles`, selecting `identity` (the only one allowed), valid from a minute
+    /// ago for an hour: what `tsh apps login --azure-identity` gives a user.
+    pub fn user(user: &str, roles: &[&str], identity: &str) -> Self {
+        Self {
+            user: Some(user.into()),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            selected_identity: Some(identity.into()),
+            allowed_identities: vec![identity.into()],
+            not_before_offset_s: -60,
+            not_after_offset_s: 3600,
+            ..Self::default()
+        }
+    }
+}
+
 /// The extended key usages of a test app certificate.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -113,15 +113,7 @@ async fn scenario(runtime: Runtime) -> Result<()> {
     )
     .await?;
     let alice = topology.ca.app(
-        &AppCertSpec {
-            user: Some("alice".into()),
-            roles: vec!["azure-reader".into()],
-            selected_identity: Some(READER.into()),
-            allowed_identities: vec![READER.into()],
-            not_before_offset_s: -60,
-            not_after_offset_s: 3600,
-            ..Default::default()
-        },
+        &AppCertSpec::user("alice", &["azure-reader"], READER),
         KeyKind::P256,
     )?;
     // A request in flight across a reload finishes under the policy it was decided by: alice's
@@ -129,15 +121,7 @@ async fn scenario(runtime: Runtime) -> Result<()> {
     // allows, is refused before any token, so polling her measures the reload alone), and the
     // paused request is still answered (its fetch survives the reconfiguration).
     let carol = topology.ca.app(
-        &AppCertSpec {
-            user: Some("carol".into()),
-            roles: vec!["nobody".into()],
-            selected_identity: Some(READER.into()),
-            allowed_identities: vec![READER.into()],
-            not_before_offset_s: -60,
-            not_after_offset_s: 3600,
-            ..Default::default()
-        },
+        &AppCertSpec::user("carol", &["nobody"], READER),
         KeyKind::P256,
     )?;
     ensure!(answer(&topology, &carol).await? == (403, "IdentityNotAllowed".into()));
