@@ -123,9 +123,19 @@ struct RawRole {
     spec: Option<RawSpec>,
 }
 
+/// `metadata` of a Teleport resource (role, lock): only the name is read.
 #[derive(Deserialize)]
-struct RawMetadata {
+pub(crate) struct RawMetadata {
     name: Option<String>,
+}
+
+impl RawMetadata {
+    /// The resource's name, if `metadata` has a non-blank one.
+    pub(crate) fn name_of(metadata: Option<Self>) -> Option<String> {
+        metadata
+            .and_then(|m| m.name)
+            .filter(|n| !n.trim().is_empty())
+    }
 }
 
 #[derive(Deserialize)]
@@ -306,10 +316,7 @@ pub fn parse_roles(values: Vec<serde_json::Value>) -> Result<RoleSet, ConfigErro
                 format!("unsupported role version {version:?} (v3 to v8)"),
             ));
         }
-        let name = raw
-            .metadata
-            .and_then(|m| m.name)
-            .filter(|n| !n.trim().is_empty())
+        let name = RawMetadata::name_of(raw.metadata)
             .ok_or_else(|| field_error(at(".metadata.name"), "required"))?;
         let (allow, deny) = match raw.spec {
             Some(spec) => (

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::config::RawMetadata;
 use crate::error::Refusal;
 
 /// One lock, validated.
@@ -41,11 +42,6 @@ struct RawLock {
     kind: Option<String>,
     metadata: Option<RawMetadata>,
     spec: Option<RawSpec>,
-}
-
-#[derive(Deserialize)]
-struct RawMetadata {
-    name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -85,10 +81,7 @@ impl LockSet {
                     format!("expected \"lock\", got {:?}", raw.kind.unwrap_or_default()),
                 ));
             }
-            let name = raw
-                .metadata
-                .and_then(|m| m.name)
-                .filter(|n| !n.trim().is_empty())
+            let name = RawMetadata::name_of(raw.metadata)
                 .ok_or_else(|| (at(".metadata.name"), "required".to_string()))?;
             let spec = raw
                 .spec
