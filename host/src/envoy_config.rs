@@ -85,8 +85,13 @@ pub fn render(config: &ServeConfig, options: &RenderOptions) -> Result<String, C
 /// merged). Re-rendering it after a policy change and moving it into place applies the change
 /// in Envoy without a restart: new requests get a filter with the new configuration, requests
 /// in flight finish with the old one.
-pub fn render_filter_resource(config: &ServeConfig) -> Result<String, ConfigError> {
-    let filter = wasm_filter(config)?;
+/// `plugin_config` is [`ServeConfig::plugin_config`], read once by the caller (a policy
+/// watcher has it already).
+pub fn render_filter_resource(
+    config: &ServeConfig,
+    plugin_config: &[u8],
+) -> Result<String, ConfigError> {
+    let filter = wasm_filter(config, plugin_config)?;
     let document = json!({
         "resources": [{
             "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
@@ -188,7 +193,7 @@ pub fn envoy_document(config: &ServeConfig, options: &RenderOptions) -> Result<V
         "virtual_hosts": [{"name": "azure", "domains": ["*"], "routes": routes}],
     });
     let wasm_filter = match &options.filter_resource {
-        None => wasm_filter(config)?,
+        None => wasm_filter(config, &config.plugin_config()?)?,
         Some(path) => {
             let file = path_text(path, "--output")?;
             let directory = path
@@ -392,9 +397,9 @@ fn envoy_listener(
     }))
 }
 
-fn wasm_filter(config: &ServeConfig) -> Result<Value, ConfigError> {
+fn wasm_filter(config: &ServeConfig, plugin_config: &[u8]) -> Result<Value, ConfigError> {
     let filter = &config.filter;
-    let plugin_config = String::from_utf8(config.plugin_config()?)
+    let plugin_config = std::str::from_utf8(plugin_config)
         .map_err(|e| ConfigError::new("filter.config", e.to_string()))?;
     Ok(json!({
         "name": WASM_FILTER_NAME,

@@ -254,9 +254,12 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             };
             let text = azgate::envoy_config::render(&config, &options)
                 .map_err(|e| format!("cannot render: {e}"))?;
-            let mut resource = String::new();
+            let mut policy = Vec::new();
             if let Some(resource_path) = &filter_resource {
-                resource = azgate::envoy_config::render_filter_resource(&config)
+                policy = config
+                    .plugin_config()
+                    .map_err(|e| format!("cannot render: {e}"))?;
+                let resource = azgate::envoy_config::render_filter_resource(&config, &policy)
                     .map_err(|e| format!("cannot render: {e}"))?;
                 replace_file(resource_path, &resource)?;
             }
@@ -265,7 +268,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 None => print!("{text}"),
             }
             if let (true, Some(resource_path)) = (watch, filter_resource) {
-                watch_policy(&config, &resource_path, resource);
+                watch_policy(&config, &resource_path, policy);
             }
             Ok(())
         }
@@ -423,41 +426,32 @@ fn replace_file(path: &std::path::Path, text: &str) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// `envoy-config --watch`: re-renders the filter resource every 500 ms, as `azgate serve`
-/// re-reads its policy files, and moves a changed one into place when the filter accepts its
-/// configuration. A refused or unreadable policy keeps the resource in force and is logged once.
+/// `envoy-config --watch`: looks at the policy files as `azgate serve` does
+/// ([`PolicyWatch`]) and moves the filter resource of a changed policy into place; a refused
+/// or unreadable policy keeps the resource in force (and is logged once).
 fn watch_policy(
     config: &azgate::serve::ServeConfig,
     resource_path: &std::path::Path,
-    mut current: String,
+    current: Vec<u8>,
 ) {
+    use azgate::serve::policy::{POLL_INTERVAL, PolicyChange, PolicyWatch};
     tracing::info!(resource = %resource_path.display(), "watching the policy files");
-    let mut refused: Option<String> = None;
+    let mut policy = PolicyWatch::new(current);
     loop {
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        let rendered = config
-            .plugin_config()
+        std::thread::sleep(POLL_INTERVAL);
+        let PolicyChange::Changed(candidate) = policy.poll(config) else {
+            continue;
+        };
+        let written = azgate::envoy_config::render_filter_resource(config, &candidate)
             .map_err(|e| e.to_string())
-            .and_then(|bytes| {
-                azgate_filter::config::Config::parse(&bytes).map_err(|e| e.to_string())?;
-                azgate::envoy_config::render_filter_resource(config).map_err(|e| e.to_string())
-            });
-        match rendered {
-            Ok(text) if text == current => {}
-            Ok(text) => match replace_file(resource_path, &text) {
-                Ok(()) => {
-                    tracing::info!("policy files changed: the new filter configuration is written");
-                    current = text;
-                    refused = None;
-                }
-                Err(error) => tracing::error!(%error, "could not write the filter resource"),
-            },
-            Err(error) => {
-                if refused.as_ref() != Some(&error) {
-                    tracing::error!(%error, "the changed policy is refused; the policy in force stays");
-                    refused = Some(error);
-                }
+            .and_then(|text| replace_file(resource_path, &text));
+        match written {
+            Ok(()) => {
+                policy.accept(candidate);
+                tracing::info!("policy files changed: the new filter configuration is written");
             }
+            // Not accepted, so the next look tries again.
+            Err(error) => tracing::error!(%error, "could not write the filter resource"),
         }
     }
 }

@@ -8,7 +8,7 @@
 mod config;
 mod error;
 mod http1_guard;
-mod policy;
+pub mod policy;
 mod proxy;
 mod stats;
 mod tls;

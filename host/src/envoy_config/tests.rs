@@ -487,7 +487,7 @@ fn with_policy_files_the_filter_configuration_is_an_ecds_resource_envoy_watches(
         fixture.dir.display().to_string()
     );
     // The resource holds what the inline configuration would have held.
-    let text = render_filter_resource(&config).unwrap();
+    let text = render_filter_resource(&config, &config.plugin_config().unwrap()).unwrap();
     let parsed: Value = serde_yaml::from_str(&text).unwrap();
     let inline = envoy_document(&config, &fixture.options()).unwrap();
     assert_eq!(

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use super::config::ServeConfig;
 
 /// How often the policy files are read (a change applies within about this long).
-pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(500);
+pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Reload counters for `/metrics`.
 #[derive(Debug, Default)]
@@ -42,49 +42,98 @@ impl PolicyStats {
     }
 }
 
+/// What one look at the policy files found.
+#[derive(Debug)]
+pub enum PolicyChange {
+    /// The policy in force, or a refusal already reported.
+    Unchanged,
+    /// A changed plugin configuration the filter accepts; [`PolicyWatch::accept`] it once it
+    /// is applied.
+    Changed(Vec<u8>),
+    /// A change the filter refuses, or files that cannot be read: logged once; the policy in
+    /// force stays.
+    Refused,
+}
+
+/// The rule both policy watchers follow (`azgate serve` and `azgate envoy-config --watch`):
+/// read the plugin configuration with the role and lock files merged, and offer it only when
+/// it differs from the one in force and the filter's own parser accepts it.
+#[derive(Debug)]
+pub struct PolicyWatch {
+    current: Vec<u8>,
+    /// The last refused configuration (or read error), so one bad edit is reported once.
+    refused: Option<Vec<u8>>,
+}
+
+impl PolicyWatch {
+    /// Starts from `current`, the plugin configuration in force.
+    pub fn new(current: Vec<u8>) -> Self {
+        Self {
+            current,
+            refused: None,
+        }
+    }
+
+    /// Reads `config`'s policy files once.
+    pub fn poll(&mut self, config: &ServeConfig) -> PolicyChange {
+        let candidate = match config.plugin_config() {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                let marker = error.to_string().into_bytes();
+                if self.refused.as_ref() == Some(&marker) {
+                    return PolicyChange::Unchanged;
+                }
+                tracing::error!(%error, "policy files not reloaded; the policy in force stays");
+                self.refused = Some(marker);
+                return PolicyChange::Refused;
+            }
+        };
+        if candidate == self.current || self.refused.as_ref() == Some(&candidate) {
+            return PolicyChange::Unchanged;
+        }
+        if let Err(error) = azgate_filter::config::Config::parse(&candidate) {
+            tracing::error!(%error, "the changed policy is refused; the policy in force stays");
+            self.refused = Some(candidate);
+            return PolicyChange::Refused;
+        }
+        PolicyChange::Changed(candidate)
+    }
+
+    /// `applied` is now in force.
+    pub fn accept(&mut self, applied: Vec<u8>) {
+        self.current = applied;
+        self.refused = None;
+    }
+}
+
 /// Watches the policy files of `config` until `stop`; `current` is the plugin configuration in
 /// force. Each applied change bumps `generation`, which tells the workers to reconfigure.
 pub(crate) async fn watch(
     config: ServeConfig,
     plugin: Arc<Plugin>,
-    mut current: Vec<u8>,
+    current: Vec<u8>,
     generation: watch::Sender<u64>,
     stats: Arc<PolicyStats>,
     mut stop: watch::Receiver<bool>,
 ) {
-    // The last refused configuration, so one bad edit is logged once.
-    let mut refused: Option<Vec<u8>> = None;
+    let mut policy = PolicyWatch::new(current);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(POLL_INTERVAL) => {}
             _ = stop.changed() => return,
         }
-        let candidate = match config.plugin_config() {
-            Ok(bytes) => bytes,
-            Err(error) => {
-                let marker = error.to_string().into_bytes();
-                if refused.as_ref() != Some(&marker) {
-                    tracing::error!(%error, "policy files not reloaded; the policy in force stays");
-                    stats.refused.fetch_add(1, Ordering::Relaxed);
-                    refused = Some(marker);
-                }
-                continue;
+        match policy.poll(&config) {
+            PolicyChange::Unchanged => {}
+            PolicyChange::Refused => {
+                stats.refused.fetch_add(1, Ordering::Relaxed);
             }
-        };
-        if candidate == current || refused.as_ref() == Some(&candidate) {
-            continue;
+            PolicyChange::Changed(candidate) => {
+                plugin.set_plugin_config(candidate.clone());
+                policy.accept(candidate);
+                stats.applied.fetch_add(1, Ordering::Relaxed);
+                generation.send_modify(|g| *g += 1);
+                tracing::info!("policy files changed: the new policy is in force");
+            }
         }
-        if let Err(error) = azgate_filter::config::Config::parse(&candidate) {
-            tracing::error!(%error, "the changed policy is refused; the policy in force stays");
-            stats.refused.fetch_add(1, Ordering::Relaxed);
-            refused = Some(candidate);
-            continue;
-        }
-        plugin.set_plugin_config(candidate.clone());
-        current = candidate;
-        refused = None;
-        stats.applied.fetch_add(1, Ordering::Relaxed);
-        generation.send_modify(|g| *g += 1);
-        tracing::info!("policy files changed: the new policy is in force");
     }
 }
