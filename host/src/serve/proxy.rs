@@ -353,8 +353,8 @@ async fn handle(
 
 /// Refuses, before the filter runs, what must never reach the filter or Azure whatever the
 /// filter would decide: a tunnel (`CONNECT`) or an echo (`TRACE`, which would return the
-/// injected token), a target that is not a path (`*`, absolute-form `https://host/…`), and a
-/// header block over Envoy's limits.
+/// injected token), a target that is not a path (`*`, absolute-form `https://host/…`), and an
+/// HTTP/2 header block over Envoy's limits.
 fn refuse_early(request: &Request<Incoming>) -> Result<(), ServeError> {
     let method = request.method();
     if method == http::Method::CONNECT || method == http::Method::TRACE {
@@ -368,16 +368,25 @@ fn refuse_early(request: &Request<Incoming>) -> Result<(), ServeError> {
     if !origin_form || !uri.path().starts_with('/') {
         return Err(ServeError::InvalidRequestTarget);
     }
+    // An HTTP/1.1 head was checked by the guard (hyper's parser takes only tokens as names, and
+    // the guard applies the limits); HTTP/2 headers are checked here.
+    if request.version() != http::Version::HTTP_2 {
+        return Ok(());
+    }
     let headers = request.headers();
-    // HTTP/1.1's parser takes only tokens as names; HTTP/2's decoder takes more (RFC 9113
-    // §8.2.1 calls such a request malformed), and they could not be forwarded.
-    if let Some(name) = headers.keys().find(|name| !is_token(name.as_str())) {
+    // HTTP/2's decoder takes names that are not tokens (RFC 9113 §8.2.1 calls such a request
+    // malformed), and `http` would refuse them when `forward` builds the upstream request: the
+    // same check, before the filter.
+    if let Some(name) = headers
+        .keys()
+        .find(|name| http::HeaderName::from_bytes(name.as_str().as_bytes()).is_err())
+    {
         return Err(ServeError::BadRequest(format!(
             "header name {:?} is not a token",
             name.as_str()
         )));
     }
-    // Host is HTTP/1.1's `:authority`, counted among the pseudo-headers.
+    // A Host field is counted as `:authority`, among the pseudo-headers.
     let host = usize::from(headers.contains_key(http::header::HOST));
     let bytes: usize = headers
         .iter()
@@ -388,14 +397,6 @@ fn refuse_early(request: &Request<Incoming>) -> Result<(), ServeError> {
         return Err(ServeError::RequestHeaderFieldsTooLarge);
     }
     Ok(())
-}
-
-/// Whether `name` is an RFC 9110 token (`tchar`s only), which every field name must be.
-fn is_token(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// The request as the filter sees it: pseudo-headers first, names lower-cased, a client XFCC
