@@ -417,46 +417,22 @@ fn identity_from_certificate(cert: &Certificate, der: &[u8]) -> Result<AppIdenti
                 )));
             };
             match attr.oid {
-                OID_COMMON_NAME => {
-                    if user.replace(value).is_some() {
-                        return Err(Refusal::InvalidClientCertificate(
-                            "the certificate names more than one user (CN)".into(),
-                        ));
-                    }
-                }
+                OID_COMMON_NAME => set_once(&mut user, value, "names more than one user (CN)")?,
                 OID_ORGANIZATION => roles.push(value),
-                OID_AZURE_IDENTITY => {
-                    if selected_identity.replace(value).is_some() {
-                        return Err(Refusal::InvalidClientCertificate(
-                            "the certificate selects more than one Azure identity".into(),
-                        ));
-                    }
-                }
-                OID_POSTAL_CODE => {
-                    if traits.replace(parse_traits(&value)?).is_some() {
-                        return Err(Refusal::InvalidClientCertificate(
-                            "the certificate carries more than one set of traits (PostalCode)"
-                                .into(),
-                        ));
-                    }
-                }
+                OID_AZURE_IDENTITY => set_once(
+                    &mut selected_identity,
+                    value,
+                    "selects more than one Azure identity",
+                )?,
+                OID_POSTAL_CODE => set_once(
+                    &mut traits,
+                    parse_traits(&value)?,
+                    "carries more than one set of traits (PostalCode)",
+                )?,
                 OID_ORGANIZATIONAL_UNIT => usage.push(value),
-                OID_APP_NAME | OID_APP_CLUSTER => {
-                    let slot = if attr.oid == OID_APP_NAME {
-                        &mut app_name
-                    } else {
-                        &mut app_cluster
-                    };
-                    if slot.replace(value).is_some() {
-                        return Err(Refusal::InvalidClientCertificate(format!(
-                            "the certificate names more than one {}",
-                            if attr.oid == OID_APP_NAME {
-                                "app"
-                            } else {
-                                "app cluster"
-                            }
-                        )));
-                    }
+                OID_APP_NAME => set_once(&mut app_name, value, "names more than one app")?,
+                OID_APP_CLUSTER => {
+                    set_once(&mut app_cluster, value, "names more than one app cluster")?
                 }
                 _ => allowed_identities.push(value),
             }
@@ -482,6 +458,17 @@ fn identity_from_certificate(cert: &Certificate, der: &[u8]) -> Result<AppIdenti
         public_key: public_key(&tbs.subject_public_key_info)?,
         fingerprint: Sha256::digest(der).into(),
     })
+}
+
+/// Fills a single-valued attribute's `slot`; a second value refuses the certificate (it
+/// "`what`").
+fn set_once<T>(slot: &mut Option<T>, value: T, what: &str) -> Result<(), Refusal> {
+    if slot.replace(value).is_some() {
+        return Err(Refusal::InvalidClientCertificate(format!(
+            "the certificate {what}"
+        )));
+    }
+    Ok(())
 }
 
 /// Teleport's traits JSON: an object of string lists (Go writes a missing list as `null`).

@@ -635,10 +635,10 @@ fn validity(not_before: SystemTime, not_after: SystemTime) -> Result<Validity, D
 
 // === roles and identity selection ===
 
-/// Reads Teleport role files (YAML, one role per `---` document) the way `azgate serve` reads
-/// its `filter.role_files` ([`crate::serve::read_role_file`]), and validates them with the
-/// filter's own rules (`azgate_filter::config::parse_roles`), so the dev CA and the gateway agree
-/// on every role.
+/// Reads Teleport role files the way `azgate serve` reads its `filter.role_files`
+/// ([`crate::serve::read_role_file`], which validates each file with the filter's own rules and
+/// names it in errors), then the roles of all files together (a name defined in two files), so
+/// the dev CA and the gateway agree on every role.
 pub fn load_roles(paths: &[PathBuf]) -> Result<RoleSet, DevCaError> {
     let mut all = Vec::new();
     for path in paths {
@@ -650,9 +650,6 @@ pub fn load_roles(paths: &[PathBuf]) -> Result<RoleSet, DevCaError> {
                 path.display()
             )));
         }
-        // Validate each file alone first, so errors name the file.
-        parse_roles(roles.clone())
-            .map_err(|e| DevCaError::Invalid(format!("{}: {e}", path.display())))?;
         all.extend(roles);
     }
     parse_roles(all).map_err(|e| DevCaError::Invalid(format!("role files: {e}")))

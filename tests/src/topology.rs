@@ -447,17 +447,8 @@ pub async fn render_envoy_config(
     azgate_yaml: &Path,
     token_service_address: &str,
 ) -> Result<PathBuf> {
-    let output = azgate_yaml.with_file_name("envoy.yaml");
-    let result = Command::new(azgate_binary()?)
-        .arg("envoy-config")
-        .arg("--config")
-        .arg(azgate_yaml)
-        .arg("--output")
-        .arg(&output)
-        .arg("--token-service-address")
-        .arg(token_service_address)
-        .output()
-        .await?;
+    let (mut command, output) = envoy_config_command(azgate_yaml, token_service_address)?;
+    let result = command.output().await?;
     if !result.status.success() {
         bail!(
             "azgate envoy-config failed: {}",
@@ -467,18 +458,30 @@ pub async fn render_envoy_config(
     Ok(output)
 }
 
+/// `azgate envoy-config` rendering `azgate_yaml` to `envoy.yaml` beside it (the path returned).
+fn envoy_config_command(
+    azgate_yaml: &Path,
+    token_service_address: &str,
+) -> Result<(Command, PathBuf)> {
+    let output = azgate_yaml.with_file_name("envoy.yaml");
+    let mut command = Command::new(azgate_binary()?);
+    command
+        .arg("envoy-config")
+        .arg("--config")
+        .arg(azgate_yaml)
+        .arg("--output")
+        .arg(&output)
+        .arg("--token-service-address")
+        .arg(token_service_address);
+    Ok((command, output))
+}
+
 /// `azgate envoy-config --watch` on the topology's `azgate.yaml`: re-renders the filter's ECDS
 /// resource beside `envoy.yaml` when the policy files change.
 fn start_policy_watcher(dir: &Path, token_service_address: &str) -> Result<Child> {
     let log = std::fs::File::create(dir.join("policy-watcher.log"))?;
-    Ok(Command::new(azgate_binary()?)
-        .arg("envoy-config")
-        .arg("--config")
-        .arg(dir.join("azgate.yaml"))
-        .arg("--output")
-        .arg(dir.join("envoy.yaml"))
-        .arg("--token-service-address")
-        .arg(token_service_address)
+    let (mut command, _) = envoy_config_command(&dir.join("azgate.yaml"), token_service_address)?;
+    Ok(command
         .arg("--watch")
         .env("AZGATE_LOG", "info")
         .stdout(Stdio::null())

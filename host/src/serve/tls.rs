@@ -207,11 +207,7 @@ fn escape_2253(text: &str) -> String {
     for (i, &b) in bytes.iter().enumerate() {
         let edge = (i == 0 && (b == b'#' || b == b' ')) || (i + 1 == bytes.len() && b == b' ');
         match b {
-            b',' | b'+' | b'"' | b'\\' | b'<' | b'>' | b';' => {
-                out.push('\\');
-                out.push(char::from(b));
-            }
-            _ if edge => {
+            _ if edge || b",+\"\\<>;".contains(&b) => {
                 out.push('\\');
                 out.push(char::from(b));
             }
