@@ -149,7 +149,7 @@ impl Broker {
         if let Some(pending) = self.pending.remove(&key) {
             log_fetch(config, &pending, &outcome);
             for waiter in pending.waiters {
-                finish_deferred(waiter, outcome.as_ref());
+                finish_deferred(waiter, outcome.as_ref(), false);
             }
         }
     }
@@ -183,7 +183,7 @@ impl Broker {
                 "timed out waiting for a managed identity token".into(),
             );
             for waiter in expired {
-                finish_deferred(waiter, Err(&timeout));
+                finish_deferred(waiter, Err(&timeout), false);
             }
             let polled = match pending.phase {
                 Phase::Fetching { started_ms, .. }
@@ -219,13 +219,14 @@ impl Broker {
                     }
                 }
                 Ok(Poll::Ready(token)) => {
+                    // Fetched by another worker: from the shared cache.
                     for waiter in pending.waiters {
-                        finish_deferred(waiter, Ok(&token));
+                        finish_deferred(waiter, Ok(&token), true);
                     }
                 }
                 Ok(Poll::Failed(refusal)) | Err(refusal) => {
                     for waiter in pending.waiters {
-                        finish_deferred(waiter, Err(&refusal));
+                        finish_deferred(waiter, Err(&refusal), false);
                     }
                 }
                 Ok(Poll::Settle) => {
@@ -246,7 +247,7 @@ impl Broker {
                         Err(refusal) => {
                             self.publish(&store, &key, &Err(refusal.clone()), now_ms);
                             for waiter in pending.waiters {
-                                finish_deferred(waiter, Err(&refusal));
+                                finish_deferred(waiter, Err(&refusal), false);
                             }
                         }
                     }
@@ -266,7 +267,8 @@ impl Broker {
         identity: &str,
         resource: &str,
     ) -> Result<(), Refusal> {
-        let path = imds::token_request_path(identity, resource);
+        let refresh = self.rules.refresh_hash(&HostSharedData, key);
+        let path = imds::token_request_path(identity, resource, refresh.as_deref());
         let call = hostcalls::dispatch_http_call(
             &config.token_cluster,
             vec![
@@ -373,11 +375,39 @@ fn apply(waiter: &Waiter, outcome: Result<&AccessToken, &Refusal>) -> Result<(),
     }
 }
 
+/// The cache key and the token a forwarded request carries, so a claims challenge in Azure's
+/// answer can revoke exactly that token.
+fn injected(waiter: &Waiter, outcome: Result<&AccessToken, &Refusal>) -> Option<(String, String)> {
+    let token = outcome.ok()?;
+    let resource = waiter.grant.resource.as_deref()?;
+    let key = token_cache::cache_key(waiter.grant.identity.folded(), resource);
+    Some((key, token.secret.clone()))
+}
+
+/// Azure answered a request carrying `token` with a claims challenge: revoke it for every worker.
+pub(crate) fn revoke(config: &Config, key: &str, token: &str) {
+    let rules = Rules {
+        expiry_margin_s: config.token_expiry_margin_s,
+        lock_ttl_ms: lock_ttl_ms(config),
+    };
+    match rules.revoke(&HostSharedData, key, token) {
+        Ok(revoked) => host::log(
+            LogLevel::Info,
+            &serde_json::json!({"event": "azgate.cae_revocation", "revoked": revoked}).to_string(),
+        ),
+        Err(refusal) => host::log(
+            LogLevel::Error,
+            &format!("azgate: could not revoke a refused token: {refusal}"),
+        ),
+    }
+}
+
 /// Completes a request inside its own `on_http_request_headers`.
 fn finish_inline(waiter: Waiter, outcome: Result<&AccessToken, &Refusal>) -> Action {
     match apply(&waiter, outcome) {
         Ok(()) => {
-            host::log(LogLevel::Info, &waiter.audit.line(Ok(())));
+            let injected = injected(&waiter, outcome);
+            host::forwarded(waiter.context_id, waiter.audit, Some(true), injected);
             Action::Continue
         }
         Err(refusal) => {
@@ -390,13 +420,14 @@ fn finish_inline(waiter: Waiter, outcome: Result<&AccessToken, &Refusal>) -> Act
 
 /// Completes a paused request from another callback: switch to its context, then resume it
 /// or answer it. A request whose stream is gone is skipped.
-fn finish_deferred(waiter: Waiter, outcome: Result<&AccessToken, &Refusal>) {
+fn finish_deferred(waiter: Waiter, outcome: Result<&AccessToken, &Refusal>, cached: bool) {
     if hostcalls::set_effective_context(waiter.context_id).is_err() {
         return;
     }
     match apply(&waiter, outcome) {
         Ok(()) => {
-            host::log(LogLevel::Info, &waiter.audit.line(Ok(())));
+            let injected = injected(&waiter, outcome);
+            host::forwarded(waiter.context_id, waiter.audit, Some(cached), injected);
             if let Err(status) = hostcalls::resume_http_request() {
                 host::log(
                     LogLevel::Error,

@@ -73,6 +73,9 @@ pub struct Config {
     pub certificate: CertificateRules,
     /// Teleport locks, checked on every request.
     pub locks: LockSet,
+    /// The Entra tenant named in the bearer challenges of data planes (Key Vault, Storage).
+    /// Managed-identity clients ignore it; `common` unless set.
+    pub tenant_id: String,
 }
 
 impl Default for Config {
@@ -91,6 +94,7 @@ impl Default for Config {
             token_wait_poll_ms: 10,
             certificate: CertificateRules::default(),
             locks: LockSet::default(),
+            tenant_id: "common".into(),
         }
     }
 }
@@ -113,6 +117,7 @@ struct RawConfig {
     allowed_apps: Option<Vec<String>>,
     allowed_clusters: Option<Vec<String>>,
     locks: Option<Vec<serde_json::Value>>,
+    tenant_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -251,6 +256,24 @@ impl Config {
             },
             locks: LockSet::parse(raw.locks.unwrap_or_default())
                 .map_err(|(field, message)| field_error(field, message))?,
+            tenant_id: match raw.tenant_id {
+                None => defaults.tenant_id,
+                // It is written into a response header: a GUID or a domain name, nothing else.
+                Some(t)
+                    if !t.is_empty()
+                        && t.len() <= 253
+                        && t.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') =>
+                {
+                    t
+                }
+                Some(_) => {
+                    return Err(field_error(
+                        "tenant_id",
+                        "must be a tenant ID or domain (letters, digits, '.' and '-')",
+                    ));
+                }
+            },
         };
         Ok(config)
     }

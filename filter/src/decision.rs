@@ -8,6 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
+use crate::audience;
 use crate::config::Config;
 use crate::endpoint::printable;
 use crate::error::Refusal;
@@ -61,6 +62,47 @@ pub struct AuditFields {
     pub path: String,
     /// The Teleport lock that refused the request, if one did.
     pub lock: Option<String>,
+    /// When the request reached the filter, Unix ms (not written: `duration_ms` is).
+    pub started_ms: i64,
+    /// Whether the injected token came from the cache (`None`: no token injected).
+    pub token_cached: Option<bool>,
+    /// Azure's answer, once it is known (forwarded requests only).
+    pub upstream: Option<UpstreamFields>,
+}
+
+/// What Azure answered a forwarded request: what ties the audit line to Azure's own logs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamFields {
+    /// The response status.
+    pub status: u16,
+    /// `x-ms-request-id` (sanitised).
+    pub request_id: Option<String>,
+    /// `x-ms-correlation-request-id` (sanitised).
+    pub correlation_id: Option<String>,
+    /// From the request reaching the filter to the response headers, ms.
+    pub duration_ms: i64,
+}
+
+impl UpstreamFields {
+    /// Azure's answer from its `:status` and request-id headers, received at `now_ms`. Header
+    /// values are upstream-controlled bytes: made printable ASCII and bounded ([`printable`]).
+    pub fn from_response(
+        status: Option<&[u8]>,
+        request_id: Option<&[u8]>,
+        correlation_id: Option<&[u8]>,
+        started_ms: i64,
+        now_ms: i64,
+    ) -> Self {
+        let id = |value: Option<&[u8]>| value.map(|v| printable(&String::from_utf8_lossy(v)));
+        Self {
+            status: status
+                .and_then(|s| std::str::from_utf8(s).ok()?.parse().ok())
+                .unwrap_or(0),
+            request_id: id(request_id),
+            correlation_id: id(correlation_id),
+            duration_ms: now_ms.saturating_sub(started_ms).max(0),
+        }
+    }
 }
 
 impl AuditFields {
@@ -78,6 +120,9 @@ impl AuditFields {
     pub fn line(&self, outcome: Result<(), &Refusal>) -> String {
         let (decision, code, status) = match outcome {
             Ok(()) => ("allow", "Allowed", 0),
+            Err(refusal @ Refusal::BearerChallenge { .. }) => {
+                ("challenge", refusal.code(), refusal.status())
+            }
             Err(refusal) => ("deny", refusal.code(), refusal.status()),
         };
         let mut line = serde_json::json!({
@@ -97,6 +142,16 @@ impl AuditFields {
         }
         if let Some(lock) = &self.lock {
             line["lock"] = lock.as_str().into();
+        }
+        if let Some(cached) = self.token_cached {
+            line["token_cached"] = cached.into();
+        }
+        if let Some(upstream) = &self.upstream {
+            line["status"] = upstream.status.into();
+            line["upstream_status"] = upstream.status.into();
+            line["duration_ms"] = upstream.duration_ms.into();
+            line["x_ms_request_id"] = upstream.request_id.clone().into();
+            line["x_ms_correlation_request_id"] = upstream.correlation_id.clone().into();
         }
         line.to_string()
     }
@@ -248,15 +303,29 @@ fn decide_into(
         Refusal::InvalidClientCertificate(format!("the selected Azure identity is invalid: {e}"))
     })?;
 
+    // A token-less request to a challenging data plane goes through RBAC and the endpoint
+    // check, then gets the service's challenge (below); any other one is refused here.
+    let mut challenge = None;
     let bearer = match view.authorization.as_slice() {
         [] if config.allow_unauthenticated => None,
-        [] => {
-            return Err(Refusal::MissingToken(
-                "the request has no Authorization header; azgate requires a token signed by \
-                 your app certificate"
-                    .into(),
-            ));
-        }
+        [] => match config
+            .endpoints
+            .target(&view.forwarded_host)
+            .ok()
+            .and_then(|host| audience::data_plane(&host))
+        {
+            Some(plane) => {
+                challenge = Some(plane);
+                None
+            }
+            None => {
+                return Err(Refusal::MissingToken(
+                    "the request has no Authorization header; azgate requires a token signed by \
+                     your app certificate"
+                        .into(),
+                ));
+            }
+        },
         [one] => Some(jwt::bearer_token(one, config.max_token_bytes)?),
         _ => {
             return Err(Refusal::InvalidAuthorizationHeader(
@@ -273,6 +342,15 @@ fn decide_into(
     )?;
     let target = config.endpoints.target(&view.forwarded_host)?;
     audit.target = Some(target.clone());
+    if let Some(plane) = challenge {
+        return Err(Refusal::BearerChallenge {
+            message: format!(
+                "the request has no Authorization header; get a token for {} and send it",
+                plane.resource
+            ),
+            challenge: plane.challenge(&config.tenant_id),
+        });
+    }
 
     let resource = match bearer {
         None => None,
@@ -404,6 +482,41 @@ mod tests {
             public_key: crate::jwt::tests::public(key),
             fingerprint: [fingerprint; 32],
         }
+    }
+
+    #[test]
+    fn the_audit_line_of_a_forwarded_request_carries_azures_answer() {
+        let mut audit = AuditFields {
+            token_cached: Some(true),
+            ..AuditFields::for_request("GET", "/x?sig=secret")
+        };
+        let long = vec![b'a'; 4096];
+        audit.upstream = Some(UpstreamFields::from_response(
+            Some(b"401"),
+            Some(b"id-1\x01\xff"),
+            Some(&long),
+            1_000,
+            1_250,
+        ));
+        let line: serde_json::Value = serde_json::from_str(&audit.line(Ok(()))).unwrap();
+        assert_eq!(line["decision"], "allow");
+        assert_eq!(line["upstream_status"], 401);
+        assert_eq!(line["status"], 401);
+        assert_eq!(line["duration_ms"], 250);
+        assert_eq!(line["token_cached"], true);
+        assert_eq!(line["path"], "/x");
+        let id = line["x_ms_request_id"].as_str().unwrap();
+        assert!(
+            id.starts_with("id-1") && id.chars().all(|c| !c.is_control()),
+            "{id}"
+        );
+        assert_eq!(
+            line["x_ms_correlation_request_id"].as_str().unwrap().len(),
+            103
+        );
+        // No status at all: 0, never a panic.
+        let none = UpstreamFields::from_response(None, None, None, 5, 1);
+        assert_eq!((none.status, none.duration_ms), (0, 0));
     }
 
     #[test]

@@ -58,6 +58,8 @@ impl Cloud {
                 "azurefd.net",
                 "login.microsoftonline.com",
                 "graph.microsoft.com",
+                // Not in Teleport's list: Key Vault's Managed HSM data plane.
+                "managedhsm.azure.net",
             ],
             // The same services in AzureUSGovernment (azure-cli's cloud definitions).
             Self::UsGov => &[
@@ -74,6 +76,7 @@ impl Cloud {
                 "login.microsoftonline.us",
                 "graph.microsoft.us",
                 "dod-graph.microsoft.us",
+                "managedhsm.usgovcloudapi.net",
             ],
             // The same services in AzureChinaCloud.
             Self::China => &[
@@ -89,6 +92,7 @@ impl Cloud {
                 "core.chinacloudapi.cn",
                 "login.chinacloudapi.cn",
                 "microsoftgraph.chinacloudapi.cn",
+                "managedhsm.azure.cn",
             ],
         }
     }

@@ -47,6 +47,15 @@ pub enum Refusal {
     MissingForwardedHost(String),
     /// No `Authorization` header, and unauthenticated forwarding is off. 401 `MissingToken`.
     MissingToken(String),
+    /// No `Authorization` header on a request to a data plane whose clients wait for a bearer
+    /// challenge (Key Vault, Storage): 401 `Unauthorized`, as the service answers, with the
+    /// service's `WWW-Authenticate` challenge. The request is not forwarded.
+    BearerChallenge {
+        /// The human detail.
+        message: String,
+        /// The `WWW-Authenticate` value.
+        challenge: String,
+    },
     /// The certificate is not for this gateway: its usage (OU), app name or cluster is not one
     /// the configuration accepts (`required_usage`, `allowed_apps`, `allowed_clusters`).
     /// 403 `CertificateNotForThisApp`.
@@ -86,6 +95,7 @@ impl Refusal {
             | Self::InvalidToken(_)
             | Self::MissingClientCertificate(_)
             | Self::MissingToken(_)
+            | Self::BearerChallenge { .. }
             | Self::TokenExpired(_)
             | Self::TokenNotYetValid(_) => 401,
             Self::CertificateNotForThisApp(_)
@@ -123,6 +133,7 @@ impl Refusal {
             Self::MissingClientCertificate(_) => "MissingClientCertificate",
             Self::MissingForwardedHost(_) => "MissingForwardedHost",
             Self::MissingToken(_) => "MissingToken",
+            Self::BearerChallenge { .. } => "Unauthorized",
             Self::NoIdentitySelected(_) => "NoIdentitySelected",
             Self::NotAnAzureEndpoint(_) => "NotAnAzureEndpoint",
             Self::TokenExpired(_) => "TokenExpired",
@@ -160,7 +171,16 @@ impl Refusal {
             | Self::TokenNotYetValid(m)
             | Self::TokenTooLarge(m)
             | Self::TokenServiceTimeout(m)
-            | Self::TokenUnavailable(m) => m,
+            | Self::TokenUnavailable(m)
+            | Self::BearerChallenge { message: m, .. } => m,
+        }
+    }
+
+    /// The `WWW-Authenticate` value the local response carries, if any.
+    pub fn challenge(&self) -> Option<&str> {
+        match self {
+            Self::BearerChallenge { challenge, .. } => Some(challenge),
+            _ => None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! are thin and hand every decision to [`crate::decision`] and every token to the broker.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
@@ -11,9 +12,9 @@ use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, Status};
 
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::decision::{self, VerificationCache};
+use crate::decision::{self, AuditFields, UpstreamFields, VerificationCache};
 use crate::error::Refusal;
-use crate::imds::AccessToken;
+use crate::imds::{self, AccessToken};
 use crate::token_cache::SharedStore;
 
 /// Installs the root context factory.
@@ -35,6 +36,41 @@ pub(crate) fn now_ms() -> i64 {
 /// Logs at `level`; logging failures are ignored (there is nowhere else to report them).
 pub(crate) fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
+}
+
+thread_local! {
+    /// Audit records of forwarded requests, by context id, until the response is known: the
+    /// line is written at the end of the stream (`on_log`, or `on_done` if the host skips it)
+    /// with Azure's status and request ids. A VM is single-threaded; this is per VM.
+    static FORWARDED: RefCell<HashMap<u32, Forwarded>> = RefCell::new(HashMap::new());
+}
+
+/// A request that went upstream, until its stream ends.
+struct Forwarded {
+    audit: AuditFields,
+    /// (cache key, token) injected: revoked if Azure answers with a claims challenge.
+    injected: Option<(String, String)>,
+}
+
+/// The request of `context_id` goes upstream; its audit line waits for the response.
+pub(crate) fn forwarded(
+    context_id: u32,
+    mut audit: AuditFields,
+    token_cached: Option<bool>,
+    injected: Option<(String, String)>,
+) {
+    audit.token_cached = token_cached;
+    FORWARDED.with(|f| {
+        f.borrow_mut()
+            .insert(context_id, Forwarded { audit, injected })
+    });
+}
+
+/// Writes the audit line of a forwarded request that has ended, once.
+fn write_forwarded(context_id: u32) {
+    if let Some(done) = FORWARDED.with(|f| f.borrow_mut().remove(&context_id)) {
+        log(LogLevel::Info, &done.audit.line(Ok(())));
+    }
 }
 
 /// Per-VM state shared by the root and request contexts.
@@ -183,6 +219,7 @@ impl Context for Request {
         if let Some(shared) = &self.shared {
             shared.broker.borrow_mut().forget(self.id);
         }
+        write_forwarded(self.id);
         true
     }
 }
@@ -197,12 +234,13 @@ impl HttpContext for Request {
         let headers = self.get_http_request_headers_bytes();
         let now = now_ms();
         let config = shared.config();
-        let (audit, decided) = decision::decide_header_map(
+        let (mut audit, decided) = decision::decide_header_map(
             &headers,
             &config,
             now / 1000,
             &mut shared.verified.borrow_mut(),
         );
+        audit.started_ms = now;
         let grant = match decided {
             Ok(grant) => grant,
             Err(refusal) => {
@@ -215,7 +253,7 @@ impl HttpContext for Request {
             // Unauthenticated forwarding (allowed by configuration): no token is injected.
             return match rewrite(&grant.target, None) {
                 Ok(()) => {
-                    log(LogLevel::Info, &audit.line(Ok(())));
+                    forwarded(self.id, audit, None, None);
                     Action::Continue
                 }
                 Err(refusal) => {
@@ -227,6 +265,42 @@ impl HttpContext for Request {
         }
         let mut broker = shared.broker.borrow_mut();
         broker.request_token(&config, &HostSharedData, self.id, grant, audit, now)
+    }
+
+    fn on_log(&mut self) {
+        write_forwarded(self.id);
+    }
+
+    fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+        let header = |name: &str| {
+            hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
+                .ok()
+                .flatten()
+        };
+        let revoke = FORWARDED.with(|f| {
+            let mut forwarded = f.borrow_mut();
+            let entry = forwarded.get_mut(&self.id)?;
+            let upstream = UpstreamFields::from_response(
+                header(":status").as_deref(),
+                header("x-ms-request-id").as_deref(),
+                header("x-ms-correlation-request-id").as_deref(),
+                entry.audit.started_ms,
+                now_ms(),
+            );
+            let challenged = upstream.status == 401
+                && header("www-authenticate").is_some_and(|v| imds::is_claims_challenge(&v));
+            entry.audit.upstream = Some(upstream);
+            if challenged {
+                entry.injected.take()
+            } else {
+                None
+            }
+        });
+        // The 401 goes to the client unchanged; the token it carried is not used again.
+        if let (Some((key, token)), Some(shared)) = (revoke, &self.shared) {
+            crate::broker::revoke(&shared.config(), &key, &token);
+        }
+        Action::Continue
     }
 }
 
@@ -253,14 +327,14 @@ pub(crate) fn rewrite(target: &str, token: Option<&AccessToken>) -> Result<(), R
 /// body.
 pub(crate) fn refuse(refusal: &Refusal) {
     let body = refusal.body();
-    let sent = hostcalls::send_http_response(
-        refusal.status(),
-        vec![
-            ("content-type", "application/json; charset=utf-8"),
-            ("x-azgate-error", refusal.code()),
-        ],
-        Some(body.as_bytes()),
-    );
+    let mut headers = vec![
+        ("content-type", "application/json; charset=utf-8"),
+        ("x-azgate-error", refusal.code()),
+    ];
+    if let Some(challenge) = refusal.challenge() {
+        headers.push(("www-authenticate", challenge));
+    }
+    let sent = hostcalls::send_http_response(refusal.status(), headers, Some(body.as_bytes()));
     if let Err(status) = sent {
         log(
             LogLevel::Error,

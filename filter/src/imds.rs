@@ -22,13 +22,26 @@ const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-/// The `:path` of the token request for (identity, resource).
-pub fn token_request_path(identity: &str, resource: &str) -> String {
-    format!(
+/// The `:path` of the token request for (identity, resource); `refresh` is the SHA-256 (hex) of
+/// a token Azure refused with a claims challenge, which the token service must not serve again.
+pub fn token_request_path(identity: &str, resource: &str, refresh: Option<&str>) -> String {
+    let mut path = format!(
         "{TOKEN_PATH}?api-version={API_VERSION}&resource={}&msi_res_id={}",
         utf8_percent_encode(resource, QUERY_VALUE),
         utf8_percent_encode(identity, QUERY_VALUE)
-    )
+    );
+    if let Some(hash) = refresh {
+        path.push_str("&token_sha256_to_refresh=");
+        path.extend(utf8_percent_encode(hash, QUERY_VALUE));
+    }
+    path
+}
+
+/// Does a `WWW-Authenticate` value from Azure carry a claims challenge (continuous access
+/// evaluation: the token was revoked or lacks claims)?
+pub fn is_claims_challenge(www_authenticate: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(www_authenticate).to_ascii_lowercase();
+    text.contains("insufficient_claims") || text.contains("claims=")
 }
 
 /// A managed-identity access token. Its `Debug` never prints the token.
@@ -140,6 +153,7 @@ mod tests {
         let path = token_request_path(
             "/subscriptions/1/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/x",
             "https://management.azure.com/",
+            None,
         );
         assert_eq!(
             path,
@@ -147,6 +161,19 @@ mod tests {
              &resource=https%3A%2F%2Fmanagement.azure.com%2F\
              &msi_res_id=%2Fsubscriptions%2F1%2FresourceGroups%2Frg%2Fproviders%2FMicrosoft.ManagedIdentity%2FuserAssignedIdentities%2Fx"
         );
+    }
+
+    #[test]
+    fn a_refresh_hash_is_sent_and_claims_challenges_are_recognised() {
+        let path = token_request_path("/x", "r", Some("ab12"));
+        assert!(path.ends_with("&token_sha256_to_refresh=ab12"), "{path}");
+        assert!(is_claims_challenge(
+            b"Bearer realm=\"\", authorization_uri=\"https://login.microsoftonline.com/common/oauth2/authorize\", error=\"insufficient_claims\", claims=\"eyJh\""
+        ));
+        assert!(!is_claims_challenge(
+            b"Bearer authorization=\"x\", resource=\"y\""
+        ));
+        assert!(!is_claims_challenge(b"\xff\xfe"));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! The decisions live in plain modules with native unit tests; the proxy-wasm glue (`host`,
 //! `broker`) is compiled for wasm32 only.
 
+pub mod audience;
 pub mod config;
 pub mod decision;
 pub mod endpoint;

@@ -5,7 +5,11 @@
 //! - `Fetching`: a worker has claimed the fetch (by compare-and-swap) at `since_ms`; others wait
 //!   and poll. A claim older than the lock TTL is abandoned and may be taken over;
 //! - `Failed`: the last fetch failed at `at_ms`. Only requests that were already waiting for that
-//!   fetch get the error; later requests fetch again (errors are not cached).
+//!   fetch get the error; later requests fetch again (errors are not cached);
+//! - `Revoked`: Azure refused the cached token with a claims challenge (CAE,
+//!   `error="insufficient_claims"`): a miss for every worker, and the next fetch carries the
+//!   refused token's SHA-256 (`token_sha256_to_refresh`) so the token service replaces the token
+//!   it caches too.
 //!
 //! Updates of an existing entry are compare-and-swaps, so of many workers racing for an expired
 //! token exactly one fetches. Shared data has no "create if absent" (a CAS on a missing key always
@@ -21,7 +25,7 @@ use crate::error::Refusal;
 use crate::imds::AccessToken;
 
 /// Prefix of the shared-data keys; bump the version when [`Record`] changes shape.
-const KEY_PREFIX: &str = "azgate.token.v1";
+const KEY_PREFIX: &str = "azgate.token.v2";
 /// How many times a compare-and-swap is retried before giving up on a contended key.
 const MAX_CAS_ATTEMPTS: usize = 16;
 
@@ -54,6 +58,14 @@ pub enum Record {
         since_ms: i64,
         /// The claimant's nonce.
         nonce: u64,
+        /// SHA-256 (hex) of a revoked token this fetch replaces.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        refresh: Option<String>,
+    },
+    /// Azure refused this token with a claims challenge: fetch a new one.
+    Revoked {
+        /// SHA-256 (hex) of the refused token.
+        token_sha256: String,
     },
     /// A usable token.
     Ready {
@@ -151,9 +163,16 @@ impl Rules {
         for _ in 0..MAX_CAS_ATTEMPTS {
             let (value, cas) = store.get(key);
             let record = value.as_deref().and_then(Record::decode);
+            // A claim that replaces a revoked token carries its hash on.
+            let refresh = match &record {
+                Some(Record::Revoked { token_sha256 }) => Some(token_sha256.clone()),
+                Some(Record::Fetching { refresh, .. }) => refresh.clone(),
+                _ => None,
+            };
             let claim = Record::Fetching {
                 since_ms: now_ms,
                 nonce,
+                refresh,
             };
             match (record, cas) {
                 (
@@ -243,6 +262,38 @@ impl Rules {
         }
     }
 
+    /// Azure refused `token` (a claims challenge): if the key still holds it, mark it revoked,
+    /// so no worker injects it again and the next fetch asks for a fresh one. `Ok(true)` if
+    /// this call revoked it; a key already holding another token is left alone.
+    pub fn revoke(&self, store: &dyn SharedStore, key: &str, token: &str) -> Result<bool, Refusal> {
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let (value, cas) = store.get(key);
+            match (value.as_deref().and_then(Record::decode), cas) {
+                (Some(Record::Ready { token: cached, .. }), Some(cas)) if cached == token => {
+                    let revoked = Record::Revoked {
+                        token_sha256: token_sha256(token),
+                    };
+                    if store.set(key, &revoked.encode(), Some(cas))? {
+                        return Ok(true);
+                    }
+                }
+                _ => return Ok(false),
+            }
+        }
+        Err(Refusal::TokenUnavailable(
+            "the token cache is too contended; try again".into(),
+        ))
+    }
+
+    /// The hash of the revoked token the fetch this worker claimed replaces, if any: sent to the
+    /// token service as `token_sha256_to_refresh`.
+    pub fn refresh_hash(&self, store: &dyn SharedStore, key: &str) -> Option<String> {
+        match store.get(key).0.as_deref().and_then(Record::decode) {
+            Some(Record::Fetching { refresh, .. }) => refresh,
+            _ => None,
+        }
+    }
+
     /// Publishes the outcome of this worker's fetch.
     pub fn complete(
         &self,
@@ -266,6 +317,15 @@ impl Rules {
         // Unconditional: this worker holds the claim, and a newer token is never worse.
         store.set(key, &record.encode(), None).map(|_| ())
     }
+}
+
+/// Lower-case hex SHA-256 of a token, as MSAL's `token_sha256_to_refresh` spells it.
+pub fn token_sha256(token: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Rebuilds a token-service refusal published by another worker.
@@ -417,6 +477,43 @@ mod tests {
     }
 
     #[test]
+    fn a_revoked_token_is_a_miss_and_its_hash_goes_with_the_next_fetch() {
+        let store = MapStore::default();
+        claim(&store, 1, 0);
+        RULES.complete(&store, "k", &Ok(token(10_000)), 0).unwrap();
+        let cached = token(10_000).secret;
+        // Another token than the cached one: nothing happens.
+        assert!(!RULES.revoke(&store, "k", "other").unwrap());
+        assert!(matches!(
+            RULES.acquire(&store, "k", 1_000, 2),
+            Ok(Acquire::Hit(_))
+        ));
+        assert!(RULES.revoke(&store, "k", &cached).unwrap());
+        // Revoked once; a second challenge for the same token finds nothing to revoke.
+        assert!(!RULES.revoke(&store, "k", &cached).unwrap());
+        assert_eq!(
+            RULES.acquire(&store, "k", 2_000, 2).unwrap(),
+            Acquire::Fetch
+        );
+        let hash = RULES.refresh_hash(&store, "k").unwrap();
+        assert_eq!(hash, token_sha256(&cached));
+        assert_eq!(hash.len(), 64);
+        // A stale claim taken over keeps the hash.
+        assert_eq!(
+            RULES
+                .acquire(&store, "k", 2_000 + RULES.lock_ttl_ms, 3)
+                .unwrap(),
+            Acquire::Fetch
+        );
+        assert_eq!(RULES.refresh_hash(&store, "k"), Some(hash));
+        // The new token clears it.
+        RULES
+            .complete(&store, "k", &Ok(token(20_000)), 3_000)
+            .unwrap();
+        assert_eq!(RULES.refresh_hash(&store, "k"), None);
+    }
+
+    #[test]
     fn cas_mismatch_means_someone_else_claimed() {
         let store = MapStore::default();
         claim(&store, 1, 0);
@@ -431,6 +528,7 @@ mod tests {
                 let claim = Record::Fetching {
                     since_ms: 20_000,
                     nonce: 9,
+                    refresh: None,
                 };
                 self.0.set(key, &claim.encode(), None)?;
                 self.0.set(key, value, cas)

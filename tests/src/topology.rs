@@ -19,6 +19,7 @@ use crate::upstream::FakeAzure;
 pub const AZURE_HOSTS: &[&str] = &[
     "management.azure.com",
     "*.vault.azure.net",
+    "*.blob.core.windows.net",
     "graph.microsoft.com",
     "management.usgovcloudapi.net",
     "management.chinacloudapi.cn",
@@ -537,6 +538,9 @@ async fn write_azgate_yaml(
     let resolve: serde_json::Map<String, serde_json::Value> = [
         "management.azure.com",
         "myvault.vault.azure.net",
+        // The workstation test's data planes.
+        "demo-vault.vault.azure.net",
+        "demoacct.blob.core.windows.net",
         "graph.microsoft.com",
         "management.usgovcloudapi.net",
         "management.chinacloudapi.cn",

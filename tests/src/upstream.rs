@@ -68,6 +68,9 @@ enum Mode {
     Arm,
 }
 
+/// The `x-ms-request-id` of every echo answer.
+pub const FAKE_REQUEST_ID: &str = "fa4e0000-0000-4000-8000-00000000a2a7";
+
 /// The subscription the ARM fake lists (the emulator's).
 pub const ARM_SUBSCRIPTION_ID: &str = azgate::emulator::SUBSCRIPTION_ID;
 
@@ -196,19 +199,27 @@ async fn answer(
         headers,
         body,
     };
-    let arm = (mode == Mode::Arm).then(|| arm_answer(&seen));
+    let challenge = claims_challenge(&seen);
+    let arm = (mode == Mode::Arm).then(|| data_plane_answer(&seen));
+    let seen_correlation = seen
+        .header("x-ms-correlation-request-id")
+        .map(str::to_string);
     // A HEAD answer has no content (RFC 9110 §9.3.2); hyper's HTTP/2 server would send DATA
     // frames for a non-empty body, which the gateways rightly reset as a protocol error.
     let head = seen.method == "HEAD";
     if let Ok(mut log) = log.lock() {
         log.push(seen);
     }
-    if let Some((status, body)) = arm {
-        return Response::builder()
-            .status(status)
-            .header("content-type", "application/json")
-            .header("x-fake-azure", "arm")
-            .body(Full::new(Bytes::from(body.to_string())))
+    if let Some(answer) = challenge.or(arm) {
+        let mut response = Response::builder()
+            .status(answer.status)
+            .header("content-type", answer.content_type)
+            .header("x-fake-azure", "arm");
+        if let Some(challenge) = answer.challenge {
+            response = response.header("www-authenticate", challenge);
+        }
+        return response
+            .body(Full::new(Bytes::from(answer.body)))
             .unwrap_or_default();
     }
     let body = if head {
@@ -216,9 +227,13 @@ async fn answer(
     } else {
         serde_json::json!({"value": [], "fake": "azure"}).to_string()
     };
+    // Azure's request ids: its own, and the caller's correlation id echoed.
+    let correlation = seen_correlation.unwrap_or_else(|| "none".into());
     Response::builder()
         .header("content-type", "application/json")
         .header("x-fake-azure", "1")
+        .header("x-ms-request-id", FAKE_REQUEST_ID)
+        .header("x-ms-correlation-request-id", correlation)
         .body(Full::new(Bytes::from(body)))
         .unwrap_or_default()
 }
@@ -229,6 +244,133 @@ pub fn msi_token_claims(seen: &Seen) -> Option<serde_json::Value> {
     let token = seen.header("authorization")?.strip_prefix("Bearer ")?;
     let claims = crate::jwt::payload(token)?;
     (claims["xms_mirid"].is_string() && claims["aud"].is_string()).then_some(claims)
+}
+
+/// What the `Arm` mode answers.
+struct Answer {
+    status: u16,
+    content_type: &'static str,
+    challenge: Option<String>,
+    body: String,
+}
+
+impl Answer {
+    fn json(status: u16, body: serde_json::Value) -> Self {
+        Self {
+            status,
+            content_type: "application/json",
+            challenge: None,
+            body: body.to_string(),
+        }
+    }
+}
+
+/// Tokens the fake has revoked (continuous access evaluation). Tokens are unique per fetch, so
+/// one set serves every fake in the process.
+static REVOKED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// The CAE fake: a request under `/cae/revoke` revokes its token, and a revoked token gets
+/// Azure's claims challenge wherever it is sent.
+fn claims_challenge(seen: &Seen) -> Option<Answer> {
+    let token = seen
+        .header("authorization")?
+        .strip_prefix("Bearer ")?
+        .to_string();
+    let mut revoked = REVOKED.lock().ok()?;
+    if seen.path.starts_with("/cae/revoke") && !revoked.contains(&token) {
+        revoked.push(token.clone());
+    }
+    revoked.contains(&token).then(|| Answer {
+        challenge: Some(
+            "Bearer realm=\"\", authorization_uri=\"https://login.microsoftonline.com/common/oauth2/authorize\", \
+             error=\"insufficient_claims\", claims=\"eyJhY2Nlc3NfdG9rZW4iOnsibmJmIjp7ImVzc2VudGlhbCI6dHJ1ZSwidmFsdWUiOiIxNzY0NjMzNjAwIn19fQ==\""
+                .into(),
+        ),
+        ..Answer::json(
+            401,
+            serde_json::json!({"error": {"code": "InvalidAuthenticationToken", "message": "fake Azure: the token was revoked"}}),
+        )
+    })
+}
+
+/// The host the request was for (SNI: the gateways send the Azure name).
+fn host_of(seen: &Seen) -> String {
+    seen.sni.clone().unwrap_or_default().to_ascii_lowercase()
+}
+
+/// Key Vault, Storage or Resource Manager, by host. The data planes answer a request without
+/// a managed-identity token of their audience with their real challenge, as the services do.
+fn data_plane_answer(seen: &Seen) -> Answer {
+    let host = host_of(seen);
+    let token = msi_token_claims(seen);
+    let audience = |claims: &serde_json::Value, want: &str| {
+        claims["aud"].as_str().map(|a| a.trim_end_matches('/')) == Some(want)
+    };
+    let tenant = azgate::emulator::TENANT_ID;
+    if host.ends_with(".vault.azure.net") {
+        let Some(claims) = token.filter(|c| audience(c, "https://vault.azure.net")) else {
+            return Answer {
+                challenge: Some(format!(
+                    "Bearer authorization=\"https://login.microsoftonline.com/{tenant}\", resource=\"https://vault.azure.net\""
+                )),
+                ..Answer::json(
+                    401,
+                    serde_json::json!({"error": {"code": "Unauthorized", "message": "AKV10000: Request is missing a Bearer or PoP token."}}),
+                )
+            };
+        };
+        let path = seen.path.split('?').next().unwrap_or_default();
+        if seen.method == "GET" && path == "/secrets" {
+            return Answer::json(
+                200,
+                serde_json::json!({"value": [{
+                    "id": format!("https://{host}/secrets/demo-secret"),
+                    "attributes": {"enabled": true, "created": 1764633600, "updated": 1764633600, "recoveryLevel": "Recoverable+Purgeable"},
+                    "tags": {"listed-for": claims["xms_mirid"]},
+                }], "nextLink": null}),
+            );
+        }
+        return Answer::json(
+            404,
+            serde_json::json!({"error": {"code": "NotFound", "message": format!("fake Key Vault has nothing at {path}")}}),
+        );
+    }
+    if host.ends_with(".blob.core.windows.net") {
+        let xml_error = |status: u16, code: &str, challenge: Option<String>| Answer {
+            status,
+            content_type: "application/xml",
+            challenge,
+            body: format!(
+                "<?xml version=\"1.0\" encoding=\"utf-8\"?><Error><Code>{code}</Code><Message>fake Storage: {code}</Message></Error>"
+            ),
+        };
+        let Some(claims) = token.filter(|c| audience(c, "https://storage.azure.com")) else {
+            return xml_error(
+                401,
+                "NoAuthenticationInformation",
+                Some(format!(
+                    "Bearer authorization_uri=https://login.microsoftonline.com/{tenant}/oauth2/authorize resource_id=https://storage.azure.com"
+                )),
+            );
+        };
+        let (path, query) = seen.path.split_once('?').unwrap_or((&seen.path, ""));
+        if seen.method == "GET" && path == "/demo" && query.contains("comp=list") {
+            let identity = claims["xms_mirid"].as_str().unwrap_or_default();
+            // The blob's name carries the identity's last path segment, so tests see the swap.
+            let who = identity.rsplit('/').next().unwrap_or_default();
+            return Answer {
+                status: 200,
+                content_type: "application/xml",
+                challenge: None,
+                body: format!(
+                    "<?xml version=\"1.0\" encoding=\"utf-8\"?><EnumerationResults ServiceEndpoint=\"https://{host}/\" ContainerName=\"demo\"><Blobs><Blob><Name>listed-for-{who}.txt</Name><Properties><Last-Modified>Wed, 02 Dec 2026 00:00:00 GMT</Last-Modified><Etag>0x8DD0000000000000</Etag><Content-Length>5</Content-Length><Content-Type>text/plain</Content-Type><BlobType>BlockBlob</BlobType><LeaseStatus>unlocked</LeaseStatus><LeaseState>available</LeaseState></Properties></Blob></Blobs><NextMarker /></EnumerationResults>"
+                ),
+            };
+        }
+        return xml_error(404, "ResourceNotFound", None);
+    }
+    let (status, body) = arm_answer(seen);
+    Answer::json(status, body)
 }
 
 /// Resource Manager's answer to `seen`: the subscription list, resource groups and VMs of the

@@ -135,6 +135,9 @@ struct Expect {
     upstream: Option<UpstreamExpect>,
     #[serde(default)]
     imds_calls: Option<usize>,
+    /// The `WWW-Authenticate` value of the answer (`null`: none).
+    #[serde(default)]
+    www_authenticate: Option<String>,
 }
 
 #[derive(Clone, Deserialize)]
@@ -334,6 +337,11 @@ fn main() -> std::process::ExitCode {
                 "audit: one JSON line per decision, no secrets in the log",
                 Shared::new(gateway, options(&suite, serde_json::json!({}), 1)),
                 Special::Audit,
+            ),
+            (
+                "cae: a claims challenge revokes the cached token for every worker; the 401 reaches the client",
+                Shared::new(gateway, options(&suite, serde_json::json!({}), 2)),
+                Special::Cae,
             ),
             (
                 "bad_configuration: the gateway refuses to start and names the field",
@@ -604,7 +612,17 @@ async fn run_case(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
+    let challenge = response
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let body = response.text().await?;
+    ensure!(
+        challenge == case.expect.www_authenticate,
+        "www-authenticate {challenge:?}, expected {:?}",
+        case.expect.www_authenticate
+    );
     *observed = Some(format!(
         "{status} {}",
         error_header.as_deref().unwrap_or("(forwarded)")
@@ -715,6 +733,7 @@ async fn run_case(
 #[derive(Clone, Copy)]
 enum Special {
     Audit,
+    Cae,
     BadConfig,
     Expiry,
     InProcessTokens,
@@ -737,6 +756,7 @@ async fn run_special(kind: Special, shared: &Shared, suite: &Suite) -> Result<()
         }
         Special::Unauthenticated => unauthenticated(shared.get().await?, suite).await,
         Special::Audit => audit(shared.get().await?, suite).await,
+        Special::Cae => claims_challenge(shared.get().await?, suite).await,
         Special::BadConfig => bad_config(shared.runtime).await,
         Special::InProcessTokens => in_process_tokens(shared.get().await?, suite).await,
     }
@@ -817,6 +837,78 @@ async fn expiry(topology: &Topology, suite: &Suite) -> Result<()> {
     Ok(())
 }
 
+async fn claims_challenge(topology: &Topology, suite: &Suite) -> Result<()> {
+    let cert = issue(topology, suite, &CertCase::default())?;
+    let resource = "api://azgate-cae";
+    let msi_of = |path: &str| {
+        topology
+            .azure
+            .seen_with_path(path)
+            .first()
+            .and_then(|s| s.header("authorization").map(str::to_string))
+    };
+    ensure!(allowed_get(topology, &cert, resource, "/cae/first").await? == 200);
+    ensure!(allowed_get(topology, &cert, resource, "/cae/cached").await? == 200);
+    ensure!(
+        imds_calls_for(topology, resource) == 1,
+        "one fetch, then the cache"
+    );
+    let first = msi_of("/cae/first").context("upstream saw /cae/first")?;
+    ensure!(msi_of("/cae/cached").as_ref() == Some(&first));
+    // Azure revokes the token: the client gets Azure's 401 and challenge unchanged.
+    let jwt = token(Some(&cert), &AuthCase::default(), resource)?;
+    let response = topology
+        .client(Some(&cert))?
+        .get(format!("{}/cae/revoke", topology.gateway.url()))
+        .header("authorization", format!("Bearer {jwt}"))
+        .header("x-forwarded-host", "management.azure.com")
+        .send()
+        .await?;
+    ensure!(response.status() == 401, "status {}", response.status());
+    let challenge = response
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    ensure!(
+        challenge.contains("insufficient_claims")
+            && response.headers().get("x-azgate-error").is_none(),
+        "the challenge reaches the client as Azure sent it: {challenge:?}"
+    );
+    // The next request, on any worker, gets a fresh token: one new fetch, which names the
+    // refused token's hash so a caching token service replaces it too.
+    for n in 0..4 {
+        let path = format!("/cae/after-{n}");
+        ensure!(
+            allowed_get(topology, &cert, resource, &path).await? == 200,
+            "{path}"
+        );
+        let msi = msi_of(&path).context("upstream saw the request")?;
+        ensure!(msi != first, "{path} carried the revoked token");
+    }
+    ensure!(
+        imds_calls_for(topology, resource) == 2,
+        "one fetch after the revocation"
+    );
+    let refetch = topology
+        .imds
+        .requests()
+        .into_iter()
+        .filter(|r| r.query_param("resource").as_deref() == Some(resource))
+        .nth(1)
+        .context("the second fetch")?;
+    let hash = refetch
+        .query_param("token_sha256_to_refresh")
+        .context("the refetch names the refused token")?;
+    let refused = first.trim_start_matches("Bearer ");
+    ensure!(
+        hash == azgate_filter::token_cache::token_sha256(refused),
+        "{hash}"
+    );
+    Ok(())
+}
+
 async fn unauthenticated(topology: &Topology, suite: &Suite) -> Result<()> {
     let cert = issue(topology, suite, &CertCase::default())?;
     let response = topology
@@ -860,7 +952,20 @@ async fn audit(topology: &Topology, suite: &Suite) -> Result<()> {
     let cert = issue(topology, suite, &CertCase::default())?;
     let resource = "api://azgate-audit";
     let jwt = token(Some(&cert), &AuthCase::default(), resource)?;
-    ensure!(allowed_get(topology, &cert, resource, "/audit/allowed?secret=s3cr3t").await? == 200);
+    let response = topology
+        .client(Some(&cert))?
+        .get(format!(
+            "{}/audit/allowed?secret=s3cr3t",
+            topology.gateway.url()
+        ))
+        .header("authorization", format!("Bearer {jwt}"))
+        .header("x-forwarded-host", "management.azure.com")
+        .header("x-ms-correlation-request-id", "corr-audit-1")
+        .send()
+        .await?;
+    ensure!(response.status() == 200);
+    // Again: the token now comes from the cache.
+    ensure!(allowed_get(topology, &cert, resource, "/audit/allowed-again").await? == 200);
     let response = topology
         .client(Some(&cert))?
         .get(format!("{}/audit/denied", topology.gateway.url()))
@@ -907,6 +1012,26 @@ async fn audit(topology: &Topology, suite: &Suite) -> Result<()> {
         allowed["method"] == "GET" && allowed["resource"] == resource,
         "{allowed}"
     );
+    // Written when Azure's answer is known, with what ties it to Azure's own logs.
+    ensure!(
+        allowed["upstream_status"] == 200 && allowed["status"] == 200,
+        "{allowed}"
+    );
+    ensure!(
+        allowed["x_ms_request_id"] == azgate_tests::upstream::FAKE_REQUEST_ID
+            && allowed["x_ms_correlation_request_id"] == "corr-audit-1",
+        "{allowed}"
+    );
+    ensure!(
+        allowed["duration_ms"].as_i64().is_some_and(|d| d >= 0),
+        "{allowed}"
+    );
+    ensure!(allowed["token_cached"] == false, "{allowed}");
+    let again = lines
+        .iter()
+        .find(|l| l["path"] == "/audit/allowed-again")
+        .ok_or_else(|| anyhow!("no audit line for the second request:\n{log}"))?;
+    ensure!(again["token_cached"] == true, "{again}");
     let denied = lines
         .iter()
         .find(|l| l["path"] == "/audit/denied")

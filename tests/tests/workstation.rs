@@ -451,6 +451,45 @@ async fn run(runtime: Runtime) -> Result<()> {
     ensure!(claims.resource == ARM_RESOURCE, "{}", claims.resource);
     ensure!(token["subscription"] == ARM_SUBSCRIPTION_ID, "{token}");
 
+    // Key Vault with the defaults: the SDK's first request carries no token, on purpose; the
+    // gateway answers it with Key Vault's challenge (after RBAC), and the SDK then asks for a
+    // vault token and lists the secrets with it.
+    let secrets = ws
+        .az(
+            &topology,
+            "alice",
+            &["keyvault", "secret", "list", "--vault-name", "demo-vault"],
+        )
+        .await?
+        .ok("az keyvault secret list")?
+        .json()?;
+    ensure!(secrets[0]["name"] == "demo-secret", "{secrets}");
+    ensure!(
+        secrets[0]["tags"]["listed-for"] == READER,
+        "Key Vault saw alice's identity's vault token: {secrets}"
+    );
+    // Storage with --auth-mode login: a storage token, swapped for the managed identity's.
+    let blobs = ws
+        .az(
+            &topology,
+            "alice",
+            &[
+                "storage",
+                "blob",
+                "list",
+                "--account-name",
+                "demoacct",
+                "--container-name",
+                "demo",
+                "--auth-mode",
+                "login",
+            ],
+        )
+        .await?
+        .ok("az storage blob list --auth-mode login")?
+        .json()?;
+    ensure!(blobs[0]["name"] == "listed-for-reader.txt", "{blobs}");
+
     // dana's identity is granted by the `{{internal.azure_identities}}` template, expanded by
     // the gateway from the traits in her certificate.
     let dana_vms = ws
@@ -509,7 +548,40 @@ async fn run(runtime: Runtime) -> Result<()> {
 
     // What reached "Azure": only managed-identity tokens, for the right identity, resource and
     // host; never a local JWT, the certificate, or the forwarding header.
-    let seen = azure.seen();
+    let all_seen = azure.seen();
+    // The data planes saw only managed-identity tokens of their own audience: the token-less
+    // first request of the Key Vault SDK never left the gateway.
+    let planes = [
+        ("demo-vault.vault.azure.net", "https://vault.azure.net"),
+        (
+            "demoacct.blob.core.windows.net",
+            "https://storage.azure.com",
+        ),
+    ];
+    for (host, audience) in planes {
+        let requests: Vec<_> = all_seen
+            .iter()
+            .filter(|r| r.sni.as_deref() == Some(host))
+            .collect();
+        ensure!(!requests.is_empty(), "nothing reached {host}");
+        for request in requests {
+            let claims = msi_token_claims(request)
+                .with_context(|| format!("{host} got no MSI token: {}", request.path))?;
+            ensure!(
+                claims["aud"].as_str().map(|a| a.trim_end_matches('/')) == Some(audience),
+                "{host}: {claims}"
+            );
+            ensure!(request.header("x-forwarded-client-cert").is_none());
+        }
+    }
+    let seen: Vec<_> = all_seen
+        .into_iter()
+        .filter(|r| {
+            !planes
+                .iter()
+                .any(|(host, _)| r.sni.as_deref() == Some(*host))
+        })
+        .collect();
     ensure!(!seen.is_empty(), "nothing reached the fake ARM");
     for request in &seen {
         let claims = msi_token_claims(request)
