@@ -12,7 +12,8 @@
 //!   waits at most a deadline (default 5 s) while the fetch goes on to fill the cache;
 //! - errors are cached only for a short backoff.
 //!
-//! [`TokenService`] serves a provider over the IMDS protocol (`azgate token-service`).
+//! [`TokenService`] serves a provider over the IMDS protocol and, with a configured secret, the
+//! App Service protocol (`azgate token-service`); both take CAE's `token_sha256_to_refresh`.
 //!
 //! In-process use, as `azgate serve` does:
 //!
@@ -36,6 +37,7 @@
 //! # }
 //! ```
 
+mod cae;
 mod client;
 mod error;
 mod metrics;
@@ -45,12 +47,15 @@ mod service;
 mod source;
 
 // The public interface is:
+pub use cae::TokenSha256;
 pub use client::{HttpClient, HyperClient, SendFuture};
 pub use error::{Culprit, TokenError};
 pub use metrics::MetricsSnapshot;
 pub use provider::{AccessToken, ProviderConfig, TokenProvider};
 pub use retry::RetryPolicy;
-pub use service::{ListenAddress, RunningTokenService, TOKEN_PATH, TokenService};
+pub use service::{
+    APP_SERVICE_TOKEN_PATH, ListenAddress, RunningTokenService, TOKEN_PATH, TokenService,
+};
 pub use source::{
     ClientCertificate, DEFAULT_AUTHORITY_HOST, IMDS_ENDPOINT, ManagedIdentity, Secret, Source,
 };

@@ -19,6 +19,7 @@ pub struct Metrics {
     pub(crate) refresh_failures: AtomicU64,
     pub(crate) deadline_exceeded: AtomicU64,
     pub(crate) cached_errors_served: AtomicU64,
+    pub(crate) cae_refreshes: AtomicU64,
     upstream_errors: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -45,6 +46,8 @@ pub struct MetricsSnapshot {
     pub deadline_exceeded: u64,
     /// Calls answered with a recently cached error (short backoff).
     pub cached_errors_served: u64,
+    /// Cached tokens evicted because a client named them in `token_sha256_to_refresh` (CAE).
+    pub cae_refreshes: u64,
     /// Failed upstream attempts by `"<status or kind> <error code>"`.
     pub upstream_errors: BTreeMap<String, u64>,
     /// Cached tokens: seconds since fetched and seconds until expiry, per cache key label.
@@ -77,6 +80,7 @@ impl Metrics {
             refresh_failures: load(&self.refresh_failures),
             deadline_exceeded: load(&self.deadline_exceeded),
             cached_errors_served: load(&self.cached_errors_served),
+            cae_refreshes: load(&self.cae_refreshes),
             upstream_errors: self
                 .upstream_errors
                 .lock()
@@ -141,6 +145,11 @@ impl MetricsSnapshot {
                 "azgate_token_cached_errors_total",
                 "Token requests answered with a cached error",
                 self.cached_errors_served,
+            ),
+            (
+                "azgate_token_cae_refreshes_total",
+                "Cached tokens evicted and refetched on a CAE token_sha256_to_refresh",
+                self.cae_refreshes,
             ),
         ];
         for (name, help, value) in counters {

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::cae::TokenSha256;
 use super::client::HttpClient;
 use super::error::TokenError;
 use super::metrics::{Metrics, MetricsSnapshot};
@@ -114,6 +115,11 @@ impl AccessToken {
         self.fetched_at
     }
 
+    /// The SHA-256 of the token, as `token_sha256_to_refresh` names it.
+    pub fn sha256(&self) -> TokenSha256 {
+        TokenSha256::of(self.secret.expose())
+    }
+
     /// When a background refresh becomes due (half its lifetime).
     pub fn refresh_at(&self) -> Instant {
         self.refresh_at
@@ -213,6 +219,20 @@ impl TokenProvider {
         identity: &ManagedIdentity,
         resource: &str,
     ) -> Result<AccessToken, TokenError> {
+        self.token_refreshing(identity, resource, None).await
+    }
+
+    /// [`TokenProvider::token`], after a continuous-access-evaluation challenge: when the cached
+    /// token for this key has the SHA-256 `rejected` (the client's `token_sha256_to_refresh`),
+    /// it is evicted and a new one fetched (the App Service source is sent the hash, so it does
+    /// not answer from its own cache). Any other hash changes nothing: the cache answers as
+    /// usual, so a caller cannot force fetches with made-up hashes.
+    pub async fn token_refreshing(
+        &self,
+        identity: &ManagedIdentity,
+        resource: &str,
+        rejected: Option<TokenSha256>,
+    ) -> Result<AccessToken, TokenError> {
         let resource = resource_for(resource);
         if resource.is_empty() {
             return Err(TokenError::BadRequest {
@@ -226,7 +246,7 @@ impl TokenProvider {
             identity: identity.clone(),
             resource: resource.to_owned(),
         };
-        let mut outcome = match self.inner.lookup(&key)? {
+        let mut outcome = match self.inner.lookup(&key, rejected)? {
             Lookup::Hit(token) => return Ok(token),
             Lookup::Wait(outcome) => outcome,
         };
@@ -292,7 +312,11 @@ impl Inner {
     }
 
     /// Decides, under the cache lock, between a hit, joining a fetch and starting one.
-    fn lookup(self: &Arc<Self>, key: &CacheKey) -> Result<Lookup, TokenError> {
+    fn lookup(
+        self: &Arc<Self>,
+        key: &CacheKey,
+        rejected: Option<TokenSha256>,
+    ) -> Result<Lookup, TokenError> {
         let now = Instant::now();
         let mut cache = self.lock_cache();
         if !cache.contains_key(key) {
@@ -308,6 +332,21 @@ impl Inner {
         });
         entry.last_used = now;
 
+        // A CAE refresh for the cached token evicts it (and a failure remembered from a
+        // refresh, which would otherwise answer instead of a new fetch).
+        let rejected = rejected.filter(|hash| {
+            entry
+                .token
+                .as_ref()
+                .is_some_and(|token| token.sha256() == *hash)
+        });
+        if rejected.is_some() {
+            entry.token = None;
+            entry.failure = None;
+            Metrics::bump(&self.metrics.cae_refreshes);
+            tracing::info!(identity = %key.identity, resource = %key.resource, "cached token rejected by the resource (CAE); fetching a new one");
+        }
+
         if let Some(token) = entry.token.clone().filter(|token| token.usable_until > now) {
             Metrics::bump(&self.metrics.cache_hits);
             entry.used_since_fetch = true;
@@ -317,7 +356,7 @@ impl Inner {
             {
                 Metrics::bump(&self.metrics.refreshes);
                 tracing::debug!(identity = %key.identity, resource = %key.resource, "refreshing on access");
-                self.start_fetch(key, entry);
+                self.start_fetch(key, entry, None);
             }
             return Ok(Lookup::Hit(token));
         }
@@ -329,10 +368,12 @@ impl Inner {
         }
         Metrics::bump(&self.metrics.cache_misses);
         if let Some(outcome) = &entry.in_flight {
+            // A fetch started since the token was fetched gets a new token too (without the
+            // hash, which only the App Service source takes).
             Metrics::bump(&self.metrics.coalesced);
             return Ok(Lookup::Wait(outcome.clone()));
         }
-        Ok(Lookup::Wait(self.start_fetch(key, entry)))
+        Ok(Lookup::Wait(self.start_fetch(key, entry, rejected)))
     }
 
     /// Makes room for one more key, or fails if every entry has a fetch in flight.
@@ -369,6 +410,7 @@ impl Inner {
         self: &Arc<Self>,
         key: &CacheKey,
         entry: &mut Entry,
+        rejected: Option<TokenSha256>,
     ) -> watch::Receiver<FetchOutcome> {
         let (sender, receiver) = watch::channel(None);
         entry.in_flight = Some(receiver.clone());
@@ -376,23 +418,30 @@ impl Inner {
         let inner = Arc::clone(self);
         let key = key.clone();
         tokio::spawn(async move {
-            let result = inner.fetch_with_retries(&key).await;
+            let result = inner.fetch_with_retries(&key, rejected).await;
             inner.finish_fetch(&key, &result);
             sender.send_replace(Some(result));
         });
         receiver
     }
 
-    async fn fetch_with_retries(&self, key: &CacheKey) -> Result<AccessToken, TokenError> {
+    async fn fetch_with_retries(
+        &self,
+        key: &CacheKey,
+        rejected: Option<TokenSha256>,
+    ) -> Result<AccessToken, TokenError> {
         let started = Instant::now();
         let mut retries = 0;
         loop {
             let result = {
                 let _permit = self.limiter.acquire().await;
                 Metrics::bump(&self.metrics.upstream_requests);
-                let attempt = self
-                    .source
-                    .fetch_once(&*self.client, &key.identity, &key.resource);
+                let attempt = self.source.fetch_refreshing(
+                    &*self.client,
+                    &key.identity,
+                    &key.resource,
+                    rejected,
+                );
                 tokio::time::timeout(self.config.attempt_timeout, attempt)
                     .await
                     .unwrap_or(Err(TokenError::UpstreamTimeout))
@@ -503,7 +552,7 @@ impl Inner {
         }
         Metrics::bump(&self.metrics.refreshes);
         tracing::debug!(identity = %key.identity, resource = %key.resource, "refreshing ahead of expiry");
-        self.start_fetch(key, entry);
+        self.start_fetch(key, entry, None);
     }
 }
 

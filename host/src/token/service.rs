@@ -5,6 +5,11 @@
 //!   with `Metadata: true`: an IMDS-shaped answer, every number a JSON string, `expires_in`
 //!   being the validity left now. Errors are IMDS-shaped (`{"error","error_description"}`)
 //!   with the status from [`TokenError::http_status`] and `Retry-After` when the source sent one.
+//! - `GET /msi/token?api-version=2019-08-01&resource=…[&client_id|principal_id|object_id|mi_res_id=…]`
+//!   with `X-IDENTITY-HEADER` (when configured, [`TokenService::with_app_service_header`]): the
+//!   App Service protocol, `expires_on` an integer; errors `{"statusCode","message","correlationId"}`.
+//! - Both take `token_sha256_to_refresh` (CAE): the cached token with that SHA-256 is replaced.
+//!   The allow-list, limits and cache are the same for both.
 //! - `GET /metrics`: Prometheus text. `GET /healthz`: `ok`.
 
 use std::collections::BTreeSet;
@@ -18,14 +23,26 @@ use serde_json::json;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
+use sha2::{Digest, Sha256};
+
+use super::cae::TokenSha256;
 use super::error::TokenError;
-use super::provider::TokenProvider;
-use super::source::ManagedIdentity;
+use super::provider::{AccessToken, TokenProvider};
+use super::source::{ManagedIdentity, Secret, Source};
 use crate::http_server::{self, json_response};
-use crate::imds_rules;
+use crate::imds_rules::{self, Query};
 
 /// The IMDS token path.
 pub const TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
+/// The App Service token path (`IDENTITY_ENDPOINT=http://ADDR/msi/token`), matched ignoring
+/// case as App Service does.
+pub const APP_SERVICE_TOKEN_PATH: &str = "/msi/token";
+/// The App Service protocol's only api-version.
+const APP_SERVICE_API_VERSION: &str = "2019-08-01";
+/// The header an App Service caller proves itself with.
+const APP_SERVICE_HEADER: &str = "x-identity-header";
+/// Longest `resource` or identity selector accepted (ARM ids are a few hundred bytes).
+const MAX_PARAMETER_BYTES: usize = 4096;
 
 /// Serves a [`TokenProvider`] over the IMDS protocol.
 #[derive(Clone, Debug)]
@@ -33,6 +50,8 @@ pub struct TokenService {
     provider: TokenProvider,
     /// `None` serves every identity; otherwise only these.
     allowed: Option<Arc<BTreeSet<ManagedIdentity>>>,
+    /// The `X-IDENTITY-HEADER` App Service callers must send; `None` turns that protocol off.
+    app_service_header: Option<Secret>,
 }
 
 /// A running [`TokenService`]; stops when dropped or on [`RunningTokenService::shutdown`].
@@ -86,6 +105,7 @@ impl TokenService {
         TokenService {
             provider,
             allowed: None,
+            app_service_header: None,
         }
     }
 
@@ -135,14 +155,25 @@ impl TokenService {
         Ok(RunningTokenService { address, stop })
     }
 
+    /// Also serves the App Service protocol (`GET /msi/token`, api-version 2019-08-01) to
+    /// callers that send `X-IDENTITY-HEADER: <header>` (compared in constant time). Without
+    /// it that path answers 404 saying how to turn it on.
+    pub fn with_app_service_header(mut self, header: Secret) -> TokenService {
+        self.app_service_header = Some(header);
+        self
+    }
+
     /// Answers one request (also usable without a socket).
     pub async fn handle(&self, request: Request<Bytes>) -> Response<Bytes> {
         match (request.method(), request.uri().path()) {
             (_, path) if path.eq_ignore_ascii_case(TOKEN_PATH) => {
-                match self.token(&request).await {
+                match self.imds_token(&request).await {
                     Ok(response) => response,
                     Err(error) => error_response(&error),
                 }
+            }
+            (_, path) if path.eq_ignore_ascii_case(APP_SERVICE_TOKEN_PATH) => {
+                self.app_service_token(&request).await
             }
             (&Method::GET, "/metrics") => {
                 let mut response =
@@ -161,14 +192,34 @@ impl TokenService {
         }
     }
 
-    async fn token(&self, request: &Request<Bytes>) -> Result<Response<Bytes>, TokenError> {
-        let (identity, resource) = parse_token_request(request)?;
+    /// The allow-list, then the provider: the one path both protocols take.
+    async fn token(&self, request: &TokenRequest) -> Result<AccessToken, TokenError> {
         if let Some(allowed) = &self.allowed
-            && !allowed.contains(&identity)
+            && !allowed.contains(&request.identity)
         {
-            return Err(TokenError::IdentityNotAllowed(identity.to_string()));
+            return Err(TokenError::IdentityNotAllowed(request.identity.to_string()));
         }
-        let token = self.provider.token(&identity, &resource).await?;
+        self.provider
+            .token_refreshing(&request.identity, &request.resource, request.rejected)
+            .await
+    }
+
+    async fn imds_token(&self, request: &Request<Bytes>) -> Result<Response<Bytes>, TokenError> {
+        let query = imds_rules::check(request).map_err(|refusal| match refusal.status {
+            StatusCode::METHOD_NOT_ALLOWED => TokenError::MethodNotAllowed,
+            _ => TokenError::BadRequest {
+                code: refusal.code,
+                description: refusal.description,
+            },
+        })?;
+        if !query.first("api-version").is_some_and(is_api_version) {
+            return Err(bad_request(
+                "bad_request",
+                "api-version is invalid or was not specified in the request",
+            ));
+        }
+        let parsed = TokenRequest::parse(&query, Protocol::Imds)?;
+        let token = self.token(&parsed).await?;
         let expires_in = token.expires_in().to_string();
         // `expires_in` is the validity left now (clients such as MSAL compute expiry from it),
         // and the source's `not_before` is not kept, so "now" stands in for it: the token is
@@ -181,11 +232,11 @@ impl TokenService {
             "expires_on": token.expires_on().to_string(),
             "ext_expires_in": expires_in,
             "not_before": now.to_string(),
-            "resource": resource,
+            "resource": parsed.resource,
             "token_type": "Bearer",
         });
         if let Some(object) = body.as_object_mut() {
-            match &identity {
+            match &parsed.identity {
                 ManagedIdentity::SystemAssigned => {}
                 ManagedIdentity::ClientId(id) => {
                     drop(object.insert("client_id".into(), id.clone().into()))
@@ -199,6 +250,86 @@ impl TokenService {
             }
         }
         Ok(json_response(StatusCode::OK, body.to_string()))
+    }
+
+    /// `GET /msi/token?api-version=2019-08-01&resource=…` with `X-IDENTITY-HEADER`: answers
+    /// `{"access_token","expires_on":<integer>,"resource","token_type","client_id"}`; errors
+    /// are App Service's `{"statusCode","message","correlationId"}`.
+    async fn app_service_token(&self, request: &Request<Bytes>) -> Response<Bytes> {
+        let Some(expected) = &self.app_service_header else {
+            return app_service_error(
+                StatusCode::NOT_FOUND,
+                "the App Service protocol is off: start azgate token-service with \
+                 --app-service-header-file PATH (or AZGATE_IDENTITY_HEADER set) to serve it",
+                None,
+            );
+        };
+        if request.method() != Method::GET {
+            return app_service_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "only GET is supported",
+                None,
+            );
+        }
+        // Any bytes at all are compared (a non-UTF-8 header is simply wrong), and only one
+        // header: a repeated one is refused rather than picking either.
+        let mut presented = request.headers().get_all(APP_SERVICE_HEADER).iter();
+        let authorized = match (presented.next(), presented.next()) {
+            (Some(value), None) => secrets_equal(value.as_bytes(), expected.expose().as_bytes()),
+            _ => false,
+        };
+        if !authorized {
+            return app_service_error(
+                StatusCode::UNAUTHORIZED,
+                "X-IDENTITY-HEADER is missing or invalid",
+                None,
+            );
+        }
+        let result = async {
+            let query = Query::parse(request.uri().query()).map_err(|name| {
+                bad_request("bad_request", &format!("Duplicate query parameter {name}"))
+            })?;
+            if query.first("api-version") != Some(APP_SERVICE_API_VERSION) {
+                return Err(bad_request(
+                    "bad_request",
+                    &format!("api-version must be {APP_SERVICE_API_VERSION}"),
+                ));
+            }
+            let parsed = TokenRequest::parse(&query, Protocol::AppService)?;
+            let token = self.token(&parsed).await?;
+            Ok::<_, TokenError>((parsed, token))
+        }
+        .await;
+        let (parsed, token) = match result {
+            Ok(done) => done,
+            Err(error) => {
+                return app_service_error(
+                    error.http_status(),
+                    &error.to_string(),
+                    error.retry_after(),
+                );
+            }
+        };
+        let mut body = json!({
+            "access_token": token.secret(),
+            "expires_on": token.expires_on(),
+            "resource": parsed.resource,
+            "token_type": "Bearer",
+        });
+        let client_id = match (&parsed.identity, self.provider.source()) {
+            (ManagedIdentity::ClientId(id), _) => Some(id.as_str()),
+            (
+                ManagedIdentity::SystemAssigned,
+                Source::WorkloadIdentity { client_id, .. }
+                | Source::ClientSecret { client_id, .. }
+                | Source::ClientCertificate { client_id, .. },
+            ) => Some(client_id.as_str()),
+            _ => None,
+        };
+        if let (Some(object), Some(client_id)) = (body.as_object_mut(), client_id) {
+            object.insert("client_id".into(), client_id.into());
+        }
+        json_response(StatusCode::OK, body.to_string())
     }
 }
 
@@ -222,66 +353,181 @@ impl RunningTokenService {
     }
 }
 
-/// Applies IMDS's request rules and extracts (identity, resource).
-fn parse_token_request(request: &Request<Bytes>) -> Result<(ManagedIdentity, String), TokenError> {
-    let bad = |code: &'static str, description: &str| TokenError::BadRequest {
-        code,
-        description: description.to_owned(),
-    };
-    let query = imds_rules::check(request).map_err(|refusal| match refusal.status {
-        StatusCode::METHOD_NOT_ALLOWED => TokenError::MethodNotAllowed,
-        _ => TokenError::BadRequest {
-            code: refusal.code,
-            description: refusal.description,
-        },
-    })?;
-    let param = |name: &str| query.first(name);
-    let api_version_ok = param("api-version").is_some_and(|version| {
-        let bytes = version.as_bytes();
-        bytes.len() >= 10
-            && bytes[..10].iter().enumerate().all(|(i, b)| {
-                if i == 4 || i == 7 {
-                    *b == b'-'
-                } else {
-                    b.is_ascii_digit()
-                }
-            })
-    });
-    if !api_version_ok {
-        return Err(bad(
-            "bad_request",
-            "api-version is invalid or was not specified in the request",
-        ));
+/// Which protocol a token request came in on: they name the same selectors differently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Imds,
+    AppService,
+}
+
+#[derive(Clone, Copy)]
+enum Selector {
+    Client,
+    Object,
+    Resource,
+}
+
+impl Protocol {
+    /// The identity-selector parameters (aliases of one kind count as separate selectors, so
+    /// giving two of them is refused like any two selectors).
+    fn selectors(self) -> &'static [(&'static str, Selector)] {
+        match self {
+            Protocol::Imds => &[
+                ("client_id", Selector::Client),
+                ("object_id", Selector::Object),
+                ("msi_res_id", Selector::Resource),
+                ("mi_res_id", Selector::Resource),
+            ],
+            // MSAL Python sends object_id, Go principal_id; App Service documents mi_res_id.
+            Protocol::AppService => &[
+                ("client_id", Selector::Client),
+                ("object_id", Selector::Object),
+                ("principal_id", Selector::Object),
+                ("mi_res_id", Selector::Resource),
+                ("msi_res_id", Selector::Resource),
+            ],
+        }
     }
-    let resource = param("resource")
-        .filter(|resource| !resource.is_empty())
-        .ok_or_else(|| {
-            bad(
-                "invalid_request",
-                "Required query variable 'resource' is missing",
-            )
-        })?;
-    let selectors: Vec<ManagedIdentity> = [
-        param("client_id").map(|id| ManagedIdentity::ClientId(id.to_owned())),
-        param("object_id").map(|id| ManagedIdentity::ObjectId(id.to_owned())),
-        param("msi_res_id")
-            .or(param("mi_res_id"))
-            .map(|id| ManagedIdentity::ResourceId(id.to_owned())),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    let identity = match selectors.as_slice() {
-        [] => ManagedIdentity::SystemAssigned,
-        [one] => one.clone(),
-        _ => {
-            return Err(bad(
-                "invalid_request",
-                "Only one of client_id, object_id and msi_res_id may be specified",
+}
+
+/// What a token request asks for, whichever protocol it came in on.
+#[derive(Debug)]
+struct TokenRequest {
+    identity: ManagedIdentity,
+    resource: String,
+    /// `token_sha256_to_refresh`: the hash of a token a resource rejected (CAE).
+    rejected: Option<TokenSha256>,
+}
+
+impl TokenRequest {
+    /// `resource`, at most one identity selector and `token_sha256_to_refresh`; other
+    /// parameters (`api-version`, `xms_cc`, …) are the caller's business.
+    fn parse(query: &Query, protocol: Protocol) -> Result<TokenRequest, TokenError> {
+        let resource = query
+            .first("resource")
+            .filter(|resource| !resource.is_empty())
+            .ok_or_else(|| {
+                bad_request(
+                    "invalid_request",
+                    "Required query variable 'resource' is missing",
+                )
+            })?;
+        let mut selected = Vec::new();
+        for (name, selector) in protocol.selectors() {
+            let Some(id) = query.first(name) else {
+                continue;
+            };
+            if id.is_empty() || id.len() > MAX_PARAMETER_BYTES {
+                return Err(bad_request(
+                    "invalid_request",
+                    &format!("{name} must be 1 to {MAX_PARAMETER_BYTES} bytes"),
+                ));
+            }
+            let id = id.to_owned();
+            selected.push((
+                *name,
+                match selector {
+                    Selector::Client => ManagedIdentity::ClientId(id),
+                    Selector::Object => ManagedIdentity::ObjectId(id),
+                    Selector::Resource => ManagedIdentity::ResourceId(id),
+                },
             ));
         }
-    };
-    Ok((identity, resource.to_owned()))
+        let identity = match selected.as_slice() {
+            [] => ManagedIdentity::SystemAssigned,
+            [(_, one)] => one.clone(),
+            _ => {
+                let names: Vec<&str> = protocol.selectors().iter().map(|(n, _)| *n).collect();
+                return Err(bad_request(
+                    "invalid_request",
+                    &format!("Only one of {} may be specified", names.join(", ")),
+                ));
+            }
+        };
+        if resource.len() > MAX_PARAMETER_BYTES {
+            return Err(bad_request(
+                "invalid_request",
+                &format!("resource must be at most {MAX_PARAMETER_BYTES} bytes"),
+            ));
+        }
+        let rejected = query
+            .first(TokenSha256::PARAMETER)
+            .map(|hash| {
+                hash.parse::<TokenSha256>()
+                    .map_err(|message| bad_request("invalid_request", &message))
+            })
+            .transpose()?;
+        Ok(TokenRequest {
+            identity,
+            resource: resource.to_owned(),
+            rejected,
+        })
+    }
+}
+
+/// IMDS's shape of `api-version`: it starts with `YYYY-MM-DD`.
+fn is_api_version(version: &str) -> bool {
+    let bytes = version.as_bytes();
+    bytes.len() >= 10
+        && bytes[..10].iter().enumerate().all(|(i, b)| {
+            if i == 4 || i == 7 {
+                *b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        })
+}
+
+fn bad_request(code: &'static str, description: &str) -> TokenError {
+    TokenError::BadRequest {
+        code,
+        description: description.to_owned(),
+    }
+}
+
+/// Equal secrets, in time that depends on neither's content nor length: both are hashed
+/// first, and the digests compared without an early exit.
+fn secrets_equal(presented: &[u8], expected: &[u8]) -> bool {
+    let (a, b) = (Sha256::digest(presented), Sha256::digest(expected));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// App Service's error shape, with a fresh correlation id (and `Retry-After` when the source
+/// sent one).
+fn app_service_error(
+    status: StatusCode,
+    message: &str,
+    retry_after: Option<std::time::Duration>,
+) -> Response<Bytes> {
+    let body = json!({
+        "statusCode": status.as_u16(),
+        "message": message,
+        "correlationId": correlation_id(),
+    });
+    let mut response = json_response(status, body.to_string());
+    if let Some(retry_after) = retry_after {
+        response.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from(retry_after.as_secs().max(1)),
+        );
+    }
+    response
+}
+
+/// A random UUID-shaped id (version 4 layout) for App Service error bodies.
+fn correlation_id() -> String {
+    let (high, low) = (fastrand::u64(..), fastrand::u64(..));
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        high >> 32,
+        (high >> 16) & 0xffff,
+        high & 0x0fff,
+        ((low >> 48) & 0x3fff) | 0x8000,
+        low & 0xffff_ffff_ffff
+    )
 }
 
 fn error_response(error: &TokenError) -> Response<Bytes> {
@@ -295,3 +541,6 @@ fn error_response(error: &TokenError) -> Response<Bytes> {
     }
     response
 }
+
+#[cfg(test)]
+mod tests;

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response};
 use serde_json::Value;
 
+use super::cae::TokenSha256;
 use super::client::HttpClient;
 use super::error::TokenError;
 use crate::civil_time::parse_us_date;
@@ -338,13 +339,28 @@ impl Source {
     }
 
     /// Makes one request to the source; no retries here.
+    #[cfg(test)]
     pub(crate) async fn fetch_once(
         &self,
         client: &dyn HttpClient,
         identity: &ManagedIdentity,
         resource: &str,
     ) -> Result<FetchedToken, TokenError> {
-        let request = self.request(identity, resource)?;
+        self.fetch_refreshing(client, identity, resource, None)
+            .await
+    }
+
+    /// Makes one request to the source; no retries here. `rejected` is the hash of a token a
+    /// resource refused (CAE), passed on to the sources that take it (App Service's
+    /// `token_sha256_to_refresh`); the others fetch anew anyway.
+    pub(crate) async fn fetch_refreshing(
+        &self,
+        client: &dyn HttpClient,
+        identity: &ManagedIdentity,
+        resource: &str,
+        rejected: Option<TokenSha256>,
+    ) -> Result<FetchedToken, TokenError> {
+        let request = self.request(identity, resource, rejected)?;
         let response = client.send(request).await?;
         parse_response(&response)
     }
@@ -353,6 +369,7 @@ impl Source {
         &self,
         identity: &ManagedIdentity,
         resource: &str,
+        rejected: Option<TokenSha256>,
     ) -> Result<Request<Bytes>, TokenError> {
         let built = match self {
             Source::Imds { endpoint } => {
@@ -385,6 +402,9 @@ impl Source {
                     ManagedIdentity::ClientId(id) => drop(query.append_pair("client_id", id)),
                     ManagedIdentity::ObjectId(id) => drop(query.append_pair("principal_id", id)),
                     ManagedIdentity::ResourceId(id) => drop(query.append_pair("mi_res_id", id)),
+                }
+                if let Some(hash) = rejected {
+                    query.append_pair(TokenSha256::PARAMETER, &hash.to_string());
                 }
                 let separator = if endpoint.contains('?') { '&' } else { '?' };
                 Request::get(format!("{endpoint}{separator}{}", query.finish()))
