@@ -49,8 +49,12 @@ const fn plane(
 /// Storage tokens have one audience in every cloud.
 const STORAGE: &str = "https://storage.azure.com";
 
-/// Every challenging data plane, the one table. Storage accounts serve each service under its
-/// own host label (`<account>.blob.…`), so the suffix names the service.
+/// The services a storage account serves, each under its own host label
+/// (`<account>.blob.core.windows.net`).
+const STORAGE_SERVICES: &[&str] = &["blob", "queue", "table", "file", "dfs"];
+
+/// Every challenging data plane, the one table. A Storage row's suffix is the cloud's storage
+/// domain; the host's label before it must be one of [`STORAGE_SERVICES`].
 pub const DATA_PLANES: &[DataPlane] = {
     use ChallengeStyle::{KeyVault, Storage};
     use Cloud::{China, Public, UsGov};
@@ -67,11 +71,7 @@ pub const DATA_PLANES: &[DataPlane] = {
             "https://managedhsm.azure.net",
             KeyVault,
         ),
-        plane(Public, "blob.core.windows.net", STORAGE, Storage),
-        plane(Public, "queue.core.windows.net", STORAGE, Storage),
-        plane(Public, "table.core.windows.net", STORAGE, Storage),
-        plane(Public, "file.core.windows.net", STORAGE, Storage),
-        plane(Public, "dfs.core.windows.net", STORAGE, Storage),
+        plane(Public, "core.windows.net", STORAGE, Storage),
         plane(
             UsGov,
             "vault.usgovcloudapi.net",
@@ -84,11 +84,7 @@ pub const DATA_PLANES: &[DataPlane] = {
             "https://managedhsm.usgovcloudapi.net",
             KeyVault,
         ),
-        plane(UsGov, "blob.core.usgovcloudapi.net", STORAGE, Storage),
-        plane(UsGov, "queue.core.usgovcloudapi.net", STORAGE, Storage),
-        plane(UsGov, "table.core.usgovcloudapi.net", STORAGE, Storage),
-        plane(UsGov, "file.core.usgovcloudapi.net", STORAGE, Storage),
-        plane(UsGov, "dfs.core.usgovcloudapi.net", STORAGE, Storage),
+        plane(UsGov, "core.usgovcloudapi.net", STORAGE, Storage),
         plane(China, "vault.azure.cn", "https://vault.azure.cn", KeyVault),
         plane(
             China,
@@ -96,11 +92,7 @@ pub const DATA_PLANES: &[DataPlane] = {
             "https://managedhsm.azure.cn",
             KeyVault,
         ),
-        plane(China, "blob.core.chinacloudapi.cn", STORAGE, Storage),
-        plane(China, "queue.core.chinacloudapi.cn", STORAGE, Storage),
-        plane(China, "table.core.chinacloudapi.cn", STORAGE, Storage),
-        plane(China, "file.core.chinacloudapi.cn", STORAGE, Storage),
-        plane(China, "dfs.core.chinacloudapi.cn", STORAGE, Storage),
+        plane(China, "core.chinacloudapi.cn", STORAGE, Storage),
     ]
 };
 
@@ -125,8 +117,19 @@ pub fn resource_for_scope(scope: &str) -> &str {
 /// The data plane serving `host` (normalised: lower case, no port), if it challenges.
 pub fn data_plane(host: &str) -> Option<&'static DataPlane> {
     DATA_PLANES.iter().find(|plane| {
-        host.strip_suffix(plane.suffix)
-            .is_some_and(|head| head.len() > 1 && head.ends_with('.'))
+        let Some(head) = host
+            .strip_suffix(plane.suffix)
+            .and_then(|head| head.strip_suffix('.'))
+            .filter(|head| !head.is_empty())
+        else {
+            return false;
+        };
+        match plane.style {
+            ChallengeStyle::KeyVault => true,
+            ChallengeStyle::Storage => head.rsplit_once('.').is_some_and(|(account, service)| {
+                !account.is_empty() && STORAGE_SERVICES.contains(&service)
+            }),
+        }
     })
 }
 
@@ -224,6 +227,8 @@ mod tests {
             "evilvault.azure.net",
             "management.azure.com",
             "acct.core.windows.net",
+            "blob.core.windows.net",
+            "acct.web.core.windows.net",
             "graph.microsoft.com",
         ] {
             assert_eq!(data_plane(host), None, "{host}");
@@ -253,7 +258,8 @@ mod tests {
     #[test]
     fn every_data_plane_is_an_enabled_endpoint_of_its_cloud() {
         for plane in DATA_PLANES {
-            let host = format!("x.{}", plane.suffix);
+            let host = format!("x.blob.{}", plane.suffix);
+            assert_eq!(data_plane(&host), Some(plane), "{host}");
             let policy = crate::endpoint::EndpointPolicy::new(vec![plane.cloud]);
             assert_eq!(policy.target(&[&host]).as_deref(), Ok(host.as_str()));
         }
