@@ -270,10 +270,13 @@ fn header(config: &ServeConfig, options: &RenderOptions) -> String {
         ));
     }
     if config.clusters.values().any(|c| c.token_service) {
-        header.push_str(&format!(
-            "# token_service clusters -> run `azgate token-service --listen {}`\n",
-            options.token_service_address
-        ));
+        // The same source, allow-list and limits as `azgate serve` would use in-process.
+        let command = config
+            .token_source
+            .clone()
+            .unwrap_or_default()
+            .command_line(&options.token_service_address.to_string());
+        header.push_str(&format!("# token_service clusters -> run `{command}`\n"));
     }
     header
 }

@@ -2,18 +2,16 @@
 
 mod cli_workstation;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use azgate::token::{
-    ClientCertificate, HyperClient, ManagedIdentity, ProviderConfig, Secret, Source, TokenError,
-    TokenProvider, TokenService,
+    BuiltTokenService, HyperClient, ManagedIdentity, Secret, SecretSource, SourceKind, TokenError,
+    TokenSettings,
 };
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 /// azgate: short-lived, role-checked Azure access.
@@ -81,7 +79,18 @@ enum Command {
     Az(Box<cli_workstation::AzArgs>),
 }
 
+/// `azgate token-service`: each flag is the `token_source:` setting of the same name in
+/// `azgate.yaml` (`--client-id` is `client_id`, …); see `azgate::token::TokenSettings`.
 #[derive(Args, Debug)]
+#[command(after_help = "\
+App Service protocol: with --app-service-header-file PATH (or the secret in the environment \
+variable AZGATE_IDENTITY_HEADER) the service also answers \
+GET /msi/token?api-version=2019-08-01&resource=... to callers sending that secret as \
+X-IDENTITY-HEADER: point App Service clients at it with IDENTITY_ENDPOINT=http://ADDR/msi/token \
+and IDENTITY_HEADER=<the secret>. Without a secret /msi/token answers 404.
+
+Both protocols take token_sha256_to_refresh=<hex SHA-256 of a token> (continuous access \
+evaluation): when it is the cached token's hash, that token is dropped and a new one fetched.")]
 struct TokenServiceArgs {
     /// Where to listen: HOST:PORT (loopback; port 0 picks a free port, printed) or
     /// `unix:/path` (a socket with mode 0660: only its owner and group may ask for tokens).
@@ -93,12 +102,16 @@ struct TokenServiceArgs {
     /// IMDS scheme and host.
     #[arg(long, env = "AZURE_POD_IDENTITY_AUTHORITY_HOST")]
     imds_endpoint: Option<String>,
-    /// App Service token URL.
+    /// App Service source: its token URL.
     #[arg(long, env = "IDENTITY_ENDPOINT")]
     identity_endpoint: Option<String>,
-    /// App Service `X-IDENTITY-HEADER` value.
+    /// App Service source: the `X-IDENTITY-HEADER` value to send it (prefer the environment
+    /// variable or --identity-header-file: a flag's value shows in `ps`).
     #[arg(long, env = "IDENTITY_HEADER", hide_env_values = true)]
     identity_header: Option<Secret>,
+    /// App Service source: a file holding the `X-IDENTITY-HEADER` value to send it.
+    #[arg(long, conflicts_with = "identity_header")]
+    identity_header_file: Option<PathBuf>,
     /// Entra authority host for workload identity and service principals.
     #[arg(long, env = "AZURE_AUTHORITY_HOST")]
     authority_host: Option<String>,
@@ -108,9 +121,12 @@ struct TokenServiceArgs {
     /// Client id of the workload identity (default identity) or service principal.
     #[arg(long, env = "AZURE_CLIENT_ID")]
     client_id: Option<String>,
-    /// Service principal secret.
+    /// Service principal secret (prefer the environment variable or --client-secret-file).
     #[arg(long, env = "AZURE_CLIENT_SECRET", hide_env_values = true)]
     client_secret: Option<Secret>,
+    /// A file holding the service principal secret.
+    #[arg(long, conflicts_with = "client_secret")]
+    client_secret_file: Option<PathBuf>,
     /// PEM file with the service principal's RSA key and certificate.
     #[arg(long, env = "AZURE_CLIENT_CERTIFICATE_PATH")]
     client_certificate_path: Option<PathBuf>,
@@ -118,9 +134,13 @@ struct TokenServiceArgs {
     #[arg(long, env = "AZURE_FEDERATED_TOKEN_FILE")]
     federated_token_file: Option<PathBuf>,
     /// Serve only these identities (repeatable): `system`, `client_id=ID`, `object_id=ID` or
-    /// `msi_res_id=ARM_ID`. Default: every identity.
+    /// `msi_res_id=ARM_ID`. Default: every identity. Applies to both protocols.
     #[arg(long = "allow-identity", value_name = "IDENTITY")]
     allowed_identities: Vec<ManagedIdentity>,
+    /// Ask the source for `msi_res_id=ARM_ID` as `client_id=CLIENT_ID` (repeatable): workload
+    /// identity selects identities by client id, the filter names them by resource id.
+    #[arg(long = "identity-client-id", value_name = "ARM_ID=CLIENT_ID", value_parser = resource_client_id)]
+    identity_client_ids: Vec<(String, String)>,
     /// Per-request deadline in milliseconds; the fetch continues after it.
     #[arg(long, default_value_t = 5000)]
     deadline_ms: u64,
@@ -133,16 +153,42 @@ struct TokenServiceArgs {
     /// Cached (identity, resource) keys.
     #[arg(long, default_value_t = 1024)]
     max_entries: usize,
+    /// Also serve the App Service protocol (`GET /msi/token`) to callers whose
+    /// `X-IDENTITY-HEADER` equals the contents of this file (read once at start). The
+    /// environment variable AZGATE_IDENTITY_HEADER may hold the secret instead.
+    #[arg(long, value_name = "PATH")]
+    app_service_header_file: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum SourceKind {
-    Auto,
-    Imds,
-    AppService,
-    WorkloadIdentity,
-    ClientSecret,
-    ClientCertificate,
+impl TokenServiceArgs {
+    /// The shared settings these flags stand for (what `token_source:` holds in azgate.yaml).
+    fn settings(&self) -> TokenSettings {
+        TokenSettings {
+            source: self.source,
+            imds_endpoint: self.imds_endpoint.clone(),
+            identity_endpoint: self.identity_endpoint.clone(),
+            identity_header: self.identity_header.clone().map(SecretSource::Value),
+            identity_header_file: self.identity_header_file.clone(),
+            identity_header_env: None,
+            authority_host: self.authority_host.clone(),
+            tenant_id: self.tenant_id.clone(),
+            client_id: self.client_id.clone(),
+            client_secret: self.client_secret.clone().map(SecretSource::Value),
+            client_secret_file: self.client_secret_file.clone(),
+            client_secret_env: None,
+            client_certificate_path: self.client_certificate_path.clone(),
+            federated_token_file: self.federated_token_file.clone(),
+            allow_identities: self.allowed_identities.clone(),
+            identity_client_ids: self.identity_client_ids.iter().cloned().collect(),
+            deadline_ms: Some(self.deadline_ms),
+            max_concurrent_requests: Some(self.max_concurrent_requests),
+            max_requests_per_second: Some(self.max_requests_per_second),
+            max_entries: Some(self.max_entries),
+            app_service_header: None,
+            app_service_header_file: self.app_service_header_file.clone(),
+            app_service_header_env: None,
+        }
+    }
 }
 
 /// The exit code of the `az` that `azgate az` ran, returned from `main` (so the log guard still
@@ -273,20 +319,13 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Command::TokenService(args) => {
-            let source = token_source(&args)?;
-            tracing::info!(source = source.kind(), "token source");
-            let config = ProviderConfig {
-                deadline: Duration::from_millis(args.deadline_ms),
-                max_concurrent_requests: args.max_concurrent_requests,
-                max_requests_per_second: args.max_requests_per_second,
-                max_entries: args.max_entries,
-                ..ProviderConfig::default()
-            };
-            let provider = TokenProvider::new(source, Arc::new(HyperClient::new()?), config);
-            let mut service = TokenService::new(provider);
-            if !args.allowed_identities.is_empty() {
-                service = service.with_allowed_identities(args.allowed_identities.clone());
-            }
+            let built = token_service_parts(&args)?;
+            tracing::info!(
+                source = built.source.kind(),
+                app_service = built.app_service_header.is_some(),
+                "token source"
+            );
+            let service = built.into_service(Arc::new(HyperClient::new()?));
             if let azgate::token::ListenAddress::Tcp(addr) = &args.listen
                 && !addr.ip().is_loopback()
             {
@@ -303,102 +342,21 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     }
 }
 
-/// The configured source, or the detected one for `--source auto`. Flags fall back to the
-/// standard Azure environment variables (clap's `env`), so detection sees both.
-fn token_source(args: &TokenServiceArgs) -> Result<Source, TokenError> {
-    let path = |path: &Option<PathBuf>| path.as_ref().map(|path| path.display().to_string());
-    let values: HashMap<&str, Option<String>> = HashMap::from([
-        (
-            "AZURE_POD_IDENTITY_AUTHORITY_HOST",
-            args.imds_endpoint.clone(),
-        ),
-        ("IDENTITY_ENDPOINT", args.identity_endpoint.clone()),
-        (
-            "IDENTITY_HEADER",
-            args.identity_header
-                .as_ref()
-                .map(|secret| secret.expose().to_owned()),
-        ),
-        ("AZURE_AUTHORITY_HOST", args.authority_host.clone()),
-        ("AZURE_TENANT_ID", args.tenant_id.clone()),
-        ("AZURE_CLIENT_ID", args.client_id.clone()),
-        (
-            "AZURE_CLIENT_SECRET",
-            args.client_secret
-                .as_ref()
-                .map(|secret| secret.expose().to_owned()),
-        ),
-        (
-            "AZURE_CLIENT_CERTIFICATE_PATH",
-            path(&args.client_certificate_path),
-        ),
-        (
-            "AZURE_FEDERATED_TOKEN_FILE",
-            path(&args.federated_token_file),
-        ),
-    ]);
-    let lookup = |name: &str| {
-        values
-            .get(name)
-            .cloned()
-            .flatten()
-            .or_else(|| std::env::var(name).ok())
-    };
-    let required = |value: &Option<String>, flag: &str| {
-        value
-            .clone()
-            .ok_or_else(|| TokenError::Configuration(format!("--source needs {flag}")))
-    };
-    let authority_host = || {
-        args.authority_host
-            .clone()
-            .unwrap_or_else(|| azgate::token::DEFAULT_AUTHORITY_HOST.to_owned())
-    };
-    Ok(match args.source {
-        SourceKind::Auto => Source::detect(lookup)?,
-        SourceKind::Imds => Source::Imds {
-            endpoint: args
-                .imds_endpoint
-                .clone()
-                .unwrap_or_else(|| azgate::token::IMDS_ENDPOINT.to_owned()),
-        },
-        SourceKind::AppService => Source::AppService {
-            endpoint: required(&args.identity_endpoint, "--identity-endpoint")?,
-            header: args.identity_header.clone().ok_or_else(|| {
-                TokenError::Configuration("--source needs --identity-header".into())
-            })?,
-        },
-        SourceKind::WorkloadIdentity => Source::WorkloadIdentity {
-            authority_host: authority_host(),
-            tenant_id: required(&args.tenant_id, "--tenant-id")?,
-            client_id: required(&args.client_id, "--client-id")?,
-            token_file: args.federated_token_file.clone().ok_or_else(|| {
-                TokenError::Configuration("--source needs --federated-token-file".into())
-            })?,
-        },
-        SourceKind::ClientSecret => Source::ClientSecret {
-            authority_host: authority_host(),
-            tenant_id: required(&args.tenant_id, "--tenant-id")?,
-            client_id: required(&args.client_id, "--client-id")?,
-            secret: args.client_secret.clone().ok_or_else(|| {
-                TokenError::Configuration("--source needs --client-secret".into())
-            })?,
-        },
-        SourceKind::ClientCertificate => {
-            let path = required(
-                &path(&args.client_certificate_path),
-                "--client-certificate-path",
-            )?;
-            let pem = std::fs::read(&path)
-                .map_err(|error| TokenError::Configuration(format!("reading {path}: {error}")))?;
-            Source::ClientCertificate {
-                authority_host: authority_host(),
-                tenant_id: required(&args.tenant_id, "--tenant-id")?,
-                client_id: required(&args.client_id, "--client-id")?,
-                certificate: ClientCertificate::from_pem(&pem)?,
-            }
+/// `ARM_ID=CLIENT_ID` (the ARM id contains no `=`).
+fn resource_client_id(text: &str) -> Result<(String, String), String> {
+    match text.rsplit_once('=') {
+        Some((resource_id, client_id)) if resource_id.starts_with('/') && !client_id.is_empty() => {
+            Ok((resource_id.to_owned(), client_id.to_owned()))
         }
-    })
+        _ => Err(format!("expected /subscriptions/…=CLIENT_ID, got {text:?}")),
+    }
+}
+
+/// The source (configured, or detected for `--source auto`), limits, allow-list and App
+/// Service secret of `azgate token-service`, through the settings `azgate serve` shares. Flags
+/// fall back to the standard Azure environment variables (clap's `env`, then the settings').
+fn token_service_parts(args: &TokenServiceArgs) -> Result<BuiltTokenService, TokenError> {
+    args.settings().build_from_environment()
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -461,6 +419,7 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
 
     use super::*;
+    use azgate::token::Source;
 
     fn token_service_args(args: &[&str]) -> TokenServiceArgs {
         let cli = Cli::try_parse_from(
@@ -480,7 +439,7 @@ mod tests {
         let args =
             token_service_args(&["--source", "imds", "--imds-endpoint", "http://127.0.0.1:1"]);
         assert!(
-            matches!(token_source(&args).unwrap(), Source::Imds { endpoint } if endpoint == "http://127.0.0.1:1")
+            matches!(token_service_parts(&args).map(|built| built.source).unwrap(), Source::Imds { endpoint } if endpoint == "http://127.0.0.1:1")
         );
 
         let args = token_service_args(&[
@@ -493,7 +452,9 @@ mod tests {
             "--client-secret",
             "s",
         ]);
-        let source = token_source(&args).unwrap();
+        let source = token_service_parts(&args)
+            .map(|built| built.source)
+            .unwrap();
         assert_eq!(source.kind(), "client_secret");
         assert!(
             !format!("{args:?}{source:?}").contains("\"s\""),
@@ -502,7 +463,7 @@ mod tests {
 
         let args = token_service_args(&["--source", "workload-identity", "--tenant-id", "t"]);
         assert!(matches!(
-            token_source(&args),
+            token_service_parts(&args).map(|built| built.source),
             Err(TokenError::Configuration(_))
         ));
     }

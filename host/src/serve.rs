@@ -33,7 +33,7 @@ pub use config::{
 pub use error::ServeError;
 pub use stats::WorkerStats;
 
-use crate::token::{HyperClient, ProviderConfig, Source, TokenProvider, TokenService};
+use crate::token::{HyperClient, TokenService};
 
 /// How long in-flight requests may take to finish after a stop signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -89,18 +89,19 @@ pub async fn start(
     let token_service = if token_clusters.is_empty() {
         None
     } else {
-        let endpoint = config
+        let built = config
             .token_source
-            .as_ref()
-            .and_then(|s| s.imds_endpoint.clone())
-            .unwrap_or_else(|| "http://169.254.169.254".into());
-        let client = HyperClient::new().map_err(|e| ServeError::Config(e.to_string()))?;
-        let provider = TokenProvider::new(
-            Source::Imds { endpoint },
-            Arc::new(client),
-            ProviderConfig::default(),
+            .clone()
+            .unwrap_or_default()
+            .build_from_environment()
+            .map_err(|e| ServeError::Config(format!("token_source: {e}")))?;
+        tracing::info!(
+            source = built.source.kind(),
+            allow_list = built.allowed.is_some(),
+            "token source"
         );
-        Some(Arc::new(TokenService::new(provider)))
+        let client = HyperClient::new().map_err(|e| ServeError::Config(e.to_string()))?;
+        Some(Arc::new(built.into_service(Arc::new(client))))
     };
     let clusters = Arc::new(upstream::Clusters::new(
         token_service.clone(),

@@ -44,6 +44,7 @@ mod metrics;
 mod provider;
 mod retry;
 mod service;
+mod settings;
 mod source;
 
 // The public interface is:
@@ -55,6 +56,9 @@ pub use provider::{AccessToken, ProviderConfig, TokenProvider};
 pub use retry::RetryPolicy;
 pub use service::{
     APP_SERVICE_TOKEN_PATH, ListenAddress, RunningTokenService, TOKEN_PATH, TokenService,
+};
+pub use settings::{
+    APP_SERVICE_HEADER_ENV, BuiltTokenService, SecretSource, SourceKind, TokenSettings,
 };
 pub use source::{
     ClientCertificate, DEFAULT_AUTHORITY_HOST, IMDS_ENDPOINT, ManagedIdentity, Secret, Source,

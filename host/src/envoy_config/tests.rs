@@ -315,6 +315,43 @@ fn the_shipped_example_configuration_loads_and_renders() {
 }
 
 #[test]
+fn the_token_service_hint_carries_the_configured_token_source() {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let render_header = |file: &str| {
+        let path = deploy.join(file);
+        let config = ServeConfig::load(&path).unwrap();
+        let options = RenderOptions {
+            token_service_address: "unix:/run/azgate-msi/token.sock".parse().unwrap(),
+            system_ca_file: Some("/etc/ssl/certs/ca-certificates.crt".into()),
+            source: path,
+            filter_resource: None,
+        };
+        let text = render(&config, &options).unwrap();
+        text.lines()
+            .find(|line| line.starts_with("# token_service clusters -> run "))
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(
+        render_header("azgate.yaml"),
+        "# token_service clusters -> run `azgate token-service --listen \
+         unix:/run/azgate-msi/token.sock --source imds --imds-endpoint http://169.254.169.254`"
+    );
+    let aks = render_header("azgate-aks-workload-identity.yaml");
+    assert!(
+        aks.contains(
+            "--listen unix:/run/azgate-msi/token.sock --source workload-identity \
+             --allow-identity system --allow-identity msi_res_id=/subscriptions/"
+        ),
+        "{aks}"
+    );
+    assert!(
+        aks.contains("/userAssignedIdentities/azure-reader=11111111-1111-1111-1111-111111111111 --deadline-ms 5000 --max-requests-per-second 20`"),
+        "{aks}"
+    );
+}
+
+#[test]
 fn a_unix_socket_token_service_is_an_envoy_pipe() {
     let fixture = Fixture::new("pipe", GATEWAY);
     let config = ServeConfig::load(&fixture.dir.join("azgate.yaml")).unwrap();

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::token::TokenSettings;
+
 /// A configuration error naming the field.
 #[derive(Debug)]
 pub struct ConfigError {
@@ -78,9 +80,10 @@ pub struct ServeConfig {
     /// Clusters the filter may call with `proxy_http_call`.
     #[serde(default)]
     pub clusters: BTreeMap<String, ClusterConfig>,
-    /// Where the in-process token service gets tokens (for `token_service` clusters).
+    /// The in-process token service (for `token_service` clusters): what `azgate
+    /// token-service` takes, as its flags' names in snake case ([`TokenSettings`]).
     #[serde(default)]
-    pub token_source: Option<TokenSourceConfig>,
+    pub token_source: Option<TokenSettings>,
     /// Forwarding to Azure.
     #[serde(default)]
     pub upstream: UpstreamConfig,
@@ -217,15 +220,6 @@ pub struct ClusterConfig {
     pub address: Option<SocketAddr>,
 }
 
-/// The token source of the in-process token service.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenSourceConfig {
-    /// IMDS scheme and host (default `http://169.254.169.254`).
-    #[serde(default)]
-    pub imds_endpoint: Option<String>,
-}
-
 /// Forwarding to Azure.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -295,6 +289,9 @@ impl ServeConfig {
             fix(dir);
         }
         self.upstream.extra_ca.iter_mut().for_each(fix);
+        if let Some(token_source) = &mut self.token_source {
+            token_source.resolve_paths(base);
+        }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

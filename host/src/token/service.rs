@@ -12,7 +12,7 @@
 //!   The allow-list, limits and cache are the same for both.
 //! - `GET /metrics`: Prometheus text. `GET /healthz`: `ok`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -52,6 +52,9 @@ pub struct TokenService {
     allowed: Option<Arc<BTreeSet<ManagedIdentity>>>,
     /// The `X-IDENTITY-HEADER` App Service callers must send; `None` turns that protocol off.
     app_service_header: Option<Secret>,
+    /// ARM resource id (lower case) → client id, for sources that select identities by
+    /// client id only (workload identity): the filter names identities by resource id.
+    client_ids: Arc<BTreeMap<String, String>>,
 }
 
 /// A running [`TokenService`]; stops when dropped or on [`RunningTokenService::shutdown`].
@@ -106,6 +109,7 @@ impl TokenService {
             provider,
             allowed: None,
             app_service_header: None,
+            client_ids: Arc::default(),
         }
     }
 
@@ -163,6 +167,23 @@ impl TokenService {
         self
     }
 
+    /// Asks the source for `msi_res_id=<ARM id>` as `client_id=<client id>` (ARM ids compared
+    /// ignoring case): workload identity picks an identity by client id, while the filter and
+    /// `az login --identity --resource-id` name it by resource id. The allow-list applies to
+    /// the identity as requested.
+    pub fn with_client_ids(
+        mut self,
+        client_ids: impl IntoIterator<Item = (String, String)>,
+    ) -> TokenService {
+        self.client_ids = Arc::new(
+            client_ids
+                .into_iter()
+                .map(|(resource_id, client_id)| (resource_id.to_ascii_lowercase(), client_id))
+                .collect(),
+        );
+        self
+    }
+
     /// Answers one request (also usable without a socket).
     pub async fn handle(&self, request: Request<Bytes>) -> Response<Bytes> {
         match (request.method(), request.uri().path()) {
@@ -199,8 +220,16 @@ impl TokenService {
         {
             return Err(TokenError::IdentityNotAllowed(request.identity.to_string()));
         }
+        let identity = match &request.identity {
+            ManagedIdentity::ResourceId(id) => self
+                .client_ids
+                .get(&id.to_ascii_lowercase())
+                .map(|client_id| ManagedIdentity::ClientId(client_id.clone())),
+            _ => None,
+        };
+        let identity = identity.as_ref().unwrap_or(&request.identity);
         self.provider
-            .token_refreshing(&request.identity, &request.resource, request.rejected)
+            .token_refreshing(identity, &request.resource, request.rejected)
             .await
     }
 

@@ -158,7 +158,9 @@ async fn app_service_refusals_are_its_json_errors_and_never_reach_the_source() {
     let ok = "/msi/token?api-version=2019-08-01&resource=r&client_id=c1";
     let secret = SECRET.as_bytes();
     let long = "r".repeat(5000);
-    let cases: Vec<(String, Vec<(&str, &[u8])>, u16)> = vec![
+    /// (path and query, headers, expected status)
+    type Case<'a> = (String, Vec<(&'a str, &'a [u8])>, u16);
+    let cases: Vec<Case<'_>> = vec![
         (ok.into(), vec![], 401),
         (ok.into(), vec![("x-identity-header", b"wrong")], 401),
         (
@@ -381,4 +383,30 @@ async fn an_app_service_source_is_sent_the_rejected_tokens_hash() {
     );
     // The client's other CAE parameters are not forwarded.
     assert_eq!(requests[1].query_param("xms_cc"), None);
+}
+
+#[tokio::test]
+async fn resource_ids_can_be_asked_for_by_client_id() {
+    let emulator = Emulator::in_memory();
+    let service = imds_backed(&emulator)
+        .with_allowed_identities([ManagedIdentity::ResourceId(MIRID.into())])
+        .with_client_ids([(MIRID.to_uppercase(), "wi-client".to_owned())]);
+    let response = service
+        .handle(imds(&format!("resource=r&msi_res_id={}", encoded(MIRID))))
+        .await;
+    token_of(&response);
+    let upstream = emulator.requests();
+    assert_eq!(
+        upstream[0].query_param("client_id").as_deref(),
+        Some("wi-client")
+    );
+    assert_eq!(upstream[0].query_param("msi_res_id"), None);
+    // The allow-list still names the identity as requested.
+    assert_eq!(
+        service
+            .handle(imds("resource=r&client_id=wi-client"))
+            .await
+            .status(),
+        403
+    );
 }
