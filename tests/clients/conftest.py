@@ -212,3 +212,55 @@ def fake_arm(tmp_path):
     yield arm
     arm.stop()
 
+
+
+APP_SERVICE_SECRET = "azgate-clients-test-identity-header"
+
+
+@pytest.fixture
+def app_service_token_service(emulator, tmp_path):
+    """`azgate token-service` getting tokens from the emulator over IMDS and serving them over
+    both protocols: IMDS at `base_url`, App Service at `identity_endpoint` to callers sending
+    `APP_SERVICE_SECRET` as X-IDENTITY-HEADER (read from a file)."""
+    secret_file = tmp_path / "identity-header"
+    secret_file.write_text(APP_SERVICE_SECRET + "\n")
+    process = TokenService(
+        ["token-service", "--listen", "127.0.0.1:0", "--source", "imds", "--imds-endpoint", emulator.base_url,
+         "--app-service-header-file", str(secret_file)],
+        clean_env(AZGATE_LOG="info"),
+    )
+    process.identity_endpoint = f"{process.base_url}/msi/token"
+    yield process
+    process.stop()
+
+
+def use_env(monkeypatch, env):
+    """Makes this process's environment exactly `env` for the test."""
+    for name in list(os.environ):
+        if name not in env:
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+NODE_DIR = REPO / ".tools" / "node"
+
+
+@pytest.fixture(scope="session")
+def node_identity():
+    """Runs tests/clients/identity.mjs (@azure/identity's ManagedIdentityCredential) with an
+    environment; returns its JSON answer. Installs the pinned package on first use."""
+    setup = subprocess.run(["bash", str(REPO / "tests" / "clients" / "node.sh")], capture_output=True, text=True)
+    if setup.returncode != 0:
+        pytest.fail(f"tests/clients/node.sh failed:\n{setup.stderr}")
+
+    def run(env, **options):
+        env = dict(env, NODE_PATH=str(NODE_DIR / "node_modules"), AZGATE_IDENTITY_OPTIONS=json.dumps(options))
+        result = subprocess.run(
+            ["node", str(REPO / "tests" / "clients" / "identity.mjs")],
+            env=env, capture_output=True, text=True, timeout=60, cwd=str(NODE_DIR),
+        )
+        assert result.returncode == 0, f"node failed:\n{result.stdout}\n{result.stderr}"
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    return run

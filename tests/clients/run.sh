@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Real Azure clients against azgate: Python azure-identity's ManagedIdentityCredential and the
-# az CLI get managed-identity tokens through `azgate token-service`, which fetches them from
-# `azgate imds-emulator`. Everything runs on 127.0.0.1; only PyPI and crates.io are needed to
-# set up (the venv is created once at .venv/ and reused).
+# Real Azure clients against azgate: Python azure-identity's ManagedIdentityCredential, MSAL
+# Python's ManagedIdentityClient, JavaScript's @azure/identity and the az CLI get managed-identity
+# tokens through `azgate token-service` (IMDS and App Service protocols), which fetches them from
+# `azgate imds-emulator`. Everything runs on 127.0.0.1; only PyPI, npm and crates.io are needed
+# to set up (the venv is created once at .venv/, @azure/identity once at .tools/node/ by
+# tests/clients/node.sh, and both reused).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"

@@ -1,6 +1,7 @@
 """Real Azure clients get managed-identity tokens through `azgate token-service`.
 
-The chain in every test: client -> azgate token-service (IMDS protocol) -> azgate imds-emulator.
+The chain in every test: client -> azgate token-service (IMDS protocol, or App Service protocol
+with `--app-service-header-file`) -> azgate imds-emulator.
 The emulator issues JWT-shaped tokens that name the identity they were issued for
 (`xms_mirid`), so a test can tell a token that made the whole trip from anything else, and its
 request counter shows how many calls reached "IMDS"."""
@@ -214,3 +215,153 @@ def test_token_service_exchanges_a_workload_identity_token(emulator, monkeypatch
         assert all(r["method"] == "POST" for r in exchanges)
     finally:
         service.stop()
+
+
+# --- The App Service protocol of the token service, and CAE refreshes ---------------------------
+
+def app_service_env(service, secret=None):
+    from conftest import APP_SERVICE_SECRET
+
+    return clean_env(IDENTITY_ENDPOINT=service.identity_endpoint, IDENTITY_HEADER=secret or APP_SERVICE_SECRET)
+
+
+def test_msal_python_gets_a_token_over_the_app_service_protocol(emulator, app_service_token_service, monkeypatch):
+    """MSAL Python's ManagedIdentityClient (what az >= 2.73 and azure-identity use) with
+    IDENTITY_ENDPOINT + IDENTITY_HEADER pointing at the token service."""
+    import msal
+    import requests
+    from conftest import use_env
+
+    use_env(monkeypatch, app_service_env(app_service_token_service))
+    client = msal.ManagedIdentityClient(msal.UserAssignedManagedIdentity(resource_id=MIRID), http_client=requests.Session())
+    result = client.acquire_token_for_client(resource="https://vault.azure.net")
+    assert "access_token" in result, result
+    claims = jwt_claims(result["access_token"])
+    assert claims["xms_mirid"] == MIRID
+    assert result["expires_in"] > 23 * 3600
+
+    # MSAL Python names an object id `object_id`; the token service reads it as principal_id.
+    by_object = msal.ManagedIdentityClient(
+        msal.UserAssignedManagedIdentity(object_id="0a1b2c3d-0000-0000-0000-000000000003"), http_client=requests.Session()
+    ).acquire_token_for_client(resource="https://storage.azure.com")
+    assert jwt_claims(by_object["access_token"])["oid"] == "0a1b2c3d-0000-0000-0000-000000000003"
+
+    # On the wire to azgate: App Service 2019-08-01 with the header; from azgate to "IMDS": IMDS.
+    upstream = emulator.requests()
+    assert [r["path_and_query"].split("?")[0] for r in upstream] == ["/metadata/identity/oauth2/token"] * 2
+    assert "object_id=0a1b2c3d" in upstream[1]["path_and_query"]
+
+    # A wrong header is refused with App Service's 401 shape; MSAL reports an error.
+    use_env(monkeypatch, app_service_env(app_service_token_service, secret="not-the-secret"))
+    refused = msal.ManagedIdentityClient(msal.SystemAssignedManagedIdentity(), http_client=requests.Session()).acquire_token_for_client(
+        resource="https://vault.azure.net"
+    )
+    assert "access_token" not in refused and "error" in refused, refused
+    assert len(emulator.requests()) == 2
+
+
+def test_azure_identity_gets_a_token_over_the_app_service_protocol(emulator, app_service_token_service, monkeypatch):
+    from azure.identity import ManagedIdentityCredential
+    from conftest import use_env
+
+    use_env(monkeypatch, app_service_env(app_service_token_service))
+    token = ManagedIdentityCredential(client_id="0f0e0d0c-0b0a-0908-0706-050403020100").get_token(
+        "https://management.azure.com/.default"
+    )
+    claims = jwt_claims(token.token)
+    assert claims["appid"] == "0f0e0d0c-0b0a-0908-0706-050403020100"
+    assert token.expires_on > time.time() + 23 * 3600
+    # The same identity over IMDS is the same cached token.
+    use_env(monkeypatch, clean_env(AZURE_POD_IDENTITY_AUTHORITY_HOST=app_service_token_service.base_url))
+    again = ManagedIdentityCredential(client_id="0f0e0d0c-0b0a-0908-0706-050403020100").get_token(
+        "https://management.azure.com/.default"
+    )
+    assert again.token == token.token
+    assert emulator.stats()["token_requests"] == 1
+
+
+def test_node_azure_identity_gets_tokens_over_both_protocols(emulator, app_service_token_service, node_identity):
+    """@azure/identity (JavaScript; @azure/msal-node underneath) ManagedIdentityCredential:
+    App Service via IDENTITY_ENDPOINT/IDENTITY_HEADER, IMDS via AZURE_POD_IDENTITY_AUTHORITY_HOST."""
+    service = app_service_token_service
+    via_app_service = node_identity(app_service_env(service), scope="https://vault.azure.net/.default", resourceId=MIRID)
+    assert jwt_claims(via_app_service["token"])["xms_mirid"] == MIRID
+    assert via_app_service["expiresOnTimestamp"] > (time.time() + 23 * 3600) * 1000
+
+    via_imds = node_identity(
+        clean_env(AZURE_POD_IDENTITY_AUTHORITY_HOST=service.base_url),
+        scope="https://vault.azure.net/.default", resourceId=MIRID,
+    )
+    assert via_imds["token"] == via_app_service["token"], "one cache behind both protocols"
+
+    by_client = node_identity(
+        app_service_env(service), scope="https://storage.azure.com/.default", clientId="11111111-2222-3333-4444-555555555555"
+    )
+    assert jwt_claims(by_client["token"])["appid"] == "11111111-2222-3333-4444-555555555555"
+    upstream = [r["path_and_query"] for r in emulator.requests()]
+    assert len(upstream) == 2 and all(p.startswith("/metadata/identity/oauth2/token?") for p in upstream), upstream
+
+
+def raw_token(url, headers):
+    """(status, JSON body) of one GET, errors included."""
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(urllib.request.Request(url, headers=headers), timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_cae_refresh_replaces_the_named_token_on_both_protocols(emulator, app_service_token_service):
+    """token_sha256_to_refresh (what MSAL sends after an insufficient_claims challenge): the
+    current token's hash gets a new token; any other hash gets the cached one."""
+    import hashlib
+    import urllib.parse
+    from conftest import APP_SERVICE_SECRET
+
+    service = app_service_token_service
+    resource = urllib.parse.quote("https://management.azure.com/", safe="")
+    imds = f"{service.base_url}/metadata/identity/oauth2/token?api-version=2018-02-01&resource={resource}"
+    app = f"{service.identity_endpoint}?api-version=2019-08-01&resource={resource}"
+    imds_headers = {"Metadata": "true"}
+    app_headers = {"X-IDENTITY-HEADER": APP_SERVICE_SECRET}
+
+    def sha256(token):
+        return hashlib.sha256(token.encode()).hexdigest()
+
+    status, first = raw_token(imds, imds_headers)
+    assert status == 200
+    first = first["access_token"]
+    status, body = raw_token(f"{imds}&token_sha256_to_refresh={sha256('some other token')}", imds_headers)
+    assert (status, body["access_token"]) == (200, first), "a wrong hash is answered from the cache"
+    assert emulator.stats()["token_requests"] == 1
+
+    status, body = raw_token(f"{imds}&token_sha256_to_refresh={sha256(first)}", imds_headers)
+    second = body["access_token"]
+    assert status == 200 and second != first
+    assert emulator.stats()["token_requests"] == 2
+
+    # The stale hash again, on the App Service protocol: the new token, from the cache.
+    status, body = raw_token(f"{app}&token_sha256_to_refresh={sha256(first)}&xms_cc=cp1", app_headers)
+    assert (status, body["access_token"]) == (200, second)
+    assert isinstance(body["expires_on"], int)
+    # The current one on the App Service protocol refreshes it too.
+    status, body = raw_token(f"{app}&token_sha256_to_refresh={sha256(second)}", app_headers)
+    assert status == 200 and body["access_token"] not in (first, second)
+    assert emulator.stats()["token_requests"] == 3
+    assert service.metrics()["azgate_token_cae_refreshes_total"] == 2
+
+    # Malformed hashes are refused in each protocol's error shape.
+    status, body = raw_token(f"{imds}&token_sha256_to_refresh=ABC", imds_headers)
+    assert (status, body["error"]) == (400, "invalid_request")
+    status, body = raw_token(f"{app}&token_sha256_to_refresh={sha256(second).upper()}", app_headers)
+    assert status == 400 and body["statusCode"] == 400 and body["correlationId"]
+    assert emulator.stats()["token_requests"] == 3
+
+
+def test_the_app_service_protocol_is_off_without_a_secret(token_service):
+    status, body = raw_token(f"{token_service.base_url}/msi/token?api-version=2019-08-01&resource=r", {"X-IDENTITY-HEADER": "x"})
+    assert status == 404 and "--app-service-header-file" in body["message"]

@@ -186,7 +186,14 @@ impl TokenService {
 
     /// Answers one request (also usable without a socket).
     pub async fn handle(&self, request: Request<Bytes>) -> Response<Bytes> {
-        match (request.method(), request.uri().path()) {
+        // One trailing slash is the same path, as IMDS has it: msal-node (JavaScript's
+        // @azure/identity) asks for `/metadata/identity/oauth2/token/`.
+        let path = request.uri().path();
+        let token_path = path
+            .strip_suffix('/')
+            .filter(|p| !p.is_empty())
+            .unwrap_or(path);
+        match (request.method(), token_path) {
             (_, path) if path.eq_ignore_ascii_case(TOKEN_PATH) => {
                 match self.imds_token(&request).await {
                     Ok(response) => response,
@@ -196,7 +203,7 @@ impl TokenService {
             (_, path) if path.eq_ignore_ascii_case(APP_SERVICE_TOKEN_PATH) => {
                 self.app_service_token(&request).await
             }
-            (&Method::GET, "/metrics") => {
+            (&Method::GET, _) if path == "/metrics" => {
                 let mut response =
                     Response::new(Bytes::from(self.provider.metrics().to_prometheus()));
                 response.headers_mut().insert(
@@ -205,7 +212,7 @@ impl TokenService {
                 );
                 response
             }
-            (&Method::GET, "/healthz") => Response::new(Bytes::from_static(b"ok\n")),
+            (&Method::GET, _) if path == "/healthz" => Response::new(Bytes::from_static(b"ok\n")),
             _ => json_response(
                 StatusCode::NOT_FOUND,
                 json!({"error": "not_found", "error_description": "unknown path"}).to_string(),

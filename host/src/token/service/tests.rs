@@ -104,6 +104,14 @@ async fn app_service_answers_in_its_shape_from_the_same_cache_as_imds() {
         ))
         .await;
     assert_eq!(token_of(&upper), body["access_token"]);
+    // One trailing slash is the same path (msal-node sends it on the IMDS path).
+    let slash = service
+        .handle(get(
+            "/metadata/identity/oauth2/token/?api-version=2018-02-01&resource=https://vault.azure.net&client_id=c1",
+            &[("Metadata", b"true")],
+        ))
+        .await;
+    assert_eq!(token_of(&slash), body["access_token"]);
 
     // principal_id (Go) and object_id (MSAL Python) name the same identity; so do mi_res_id
     // and msi_res_id. No client_id is made up when it is not known.
