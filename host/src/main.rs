@@ -33,8 +33,9 @@ enum Command {
         listen: SocketAddr,
     },
     /// Serve managed-identity tokens over the IMDS protocol
-    /// (`GET /metadata/identity/oauth2/token`, `Metadata: true`), cached with refresh-ahead and
-    /// single-flight; `/metrics` has Prometheus counters.
+    /// (`GET /metadata/identity/oauth2/token`, `Metadata: true`) and, with
+    /// --app-service-header-file, the App Service protocol (`GET /msi/token`), cached with
+    /// refresh-ahead and single-flight; `/metrics` has Prometheus counters.
     TokenService(Box<TokenServiceArgs>),
     /// Run the filter inside wasmtime as an mTLS gateway in front of Azure
     /// (see README: `azgate.yaml`). Stops on SIGTERM/SIGINT after draining.
