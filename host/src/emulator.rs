@@ -956,7 +956,7 @@ fn check_authority_request(
             "AADSTS900144: The request body must contain 'scope'.",
         ));
     };
-    let resource = scope.strip_suffix("/.default").unwrap_or(scope).to_owned();
+    let resource = azgate_filter::audience::resource_for_scope(scope).to_owned();
     let identity = select_identity(&[("client_id", Some(client_id))])
         .map_err(|message| entra_error("invalid_request", message))?;
     Ok((identity, resource))

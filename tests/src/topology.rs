@@ -602,7 +602,7 @@ async fn write_azgate_yaml(
             "lock_files": options.lock_files,
         },
         "clusters": clusters,
-        "token_source": {"imds_endpoint": format!("http://{}", imds.local_addr())},
+        "token_source": {"source": "imds", "imds_endpoint": format!("http://{}", imds.local_addr())},
         "upstream": {"extra_ca": [dir.join("ca.crt")], "resolve": resolve},
     });
     // JSON is YAML.

@@ -1,6 +1,8 @@
 //! Token sources: where a token comes from, how one attempt is made, and how each source's
 //! answer (success or error) is parsed.
 
+pub(crate) use azgate_filter::audience::resource_for_scope as resource_for;
+use azgate_filter::audience::scope_for_resource;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -425,7 +427,7 @@ impl Source {
                 let form = form_urlencoded::Serializer::new(String::new())
                     .append_pair("grant_type", "client_credentials")
                     .append_pair("client_id", client_id)
-                    .append_pair("scope", &scope_for(resource))
+                    .append_pair("scope", &scope_for_resource(resource))
                     .append_pair("client_assertion_type", JWT_BEARER)
                     .append_pair("client_assertion", assertion.trim())
                     .finish();
@@ -441,7 +443,7 @@ impl Source {
                 let form = form_urlencoded::Serializer::new(String::new())
                     .append_pair("grant_type", "client_credentials")
                     .append_pair("client_id", client_id)
-                    .append_pair("scope", &scope_for(resource))
+                    .append_pair("scope", &scope_for_resource(resource))
                     .append_pair("client_secret", secret.expose())
                     .finish();
                 entra_post(&token_url(authority_host, tenant_id), form)
@@ -457,7 +459,7 @@ impl Source {
                 let form = form_urlencoded::Serializer::new(String::new())
                     .append_pair("grant_type", "client_credentials")
                     .append_pair("client_id", client_id)
-                    .append_pair("scope", &scope_for(resource))
+                    .append_pair("scope", &scope_for_resource(resource))
                     .append_pair("client_assertion_type", JWT_BEARER)
                     .append_pair("client_assertion", &certificate.assertion(client_id, &url)?)
                     .finish();
@@ -508,18 +510,6 @@ fn entra_post(url: &str, form: String) -> http::Result<Request<Bytes>> {
             "application/x-www-form-urlencoded",
         )
         .body(Bytes::from(form))
-}
-
-/// The v2 scope for a v1 resource (`https://vault.azure.net` → `https://vault.azure.net/.default`).
-fn scope_for(resource: &str) -> String {
-    format!("{}/.default", resource.trim_end_matches('/'))
-}
-
-/// The resource for a v2 scope or a resource (`…/.default` stripped).
-pub(crate) fn resource_for(scope_or_resource: &str) -> &str {
-    scope_or_resource
-        .strip_suffix("/.default")
-        .unwrap_or(scope_or_resource)
 }
 
 fn unix_now() -> u64 {

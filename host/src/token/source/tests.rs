@@ -283,7 +283,7 @@ async fn workload_identity_exchanges_the_current_federated_token_per_client_id()
         .unwrap();
     assert_eq!(
         claims(token.secret.expose())["aud"],
-        "https://management.azure.com"
+        "https://management.azure.com/"
     );
     let request = &emulator.requests()[0];
     assert_eq!(request.method, "POST");
@@ -293,7 +293,8 @@ async fn workload_identity_exchanges_the_current_federated_token_per_client_id()
     );
     let form = form_fields(request);
     assert_eq!(form["client_id"], "other-client");
-    assert_eq!(form["scope"], "https://management.azure.com/.default");
+    // Entra ID reads the resource as everything before the last `/`: the slash stays.
+    assert_eq!(form["scope"], "https://management.azure.com//.default");
     assert_eq!(
         form["client_assertion"],
         "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2EifQ.c2ln"
