@@ -256,7 +256,31 @@ impl Topology {
 }
 
 impl Gateway {
+    /// Starts the gateway; again (with new ports) if a port picked free was taken by another
+    /// process before the gateway bound it, which loopback tests running in parallel can cause.
     async fn start(
+        runtime: Runtime,
+        ca: &TestCa,
+        gateway_cert: &Issued,
+        imds: &Emulator,
+        azure: &FakeAzure,
+        options: &Options,
+    ) -> Result<Self> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(runtime, ca, gateway_cert, imds, azure, options).await {
+                Err(error)
+                    if attempt < 3 && format!("{error:#}").contains("Address already in use") =>
+                {
+                    eprintln!("gateway start raced for a port (attempt {attempt}); starting again");
+                    attempt += 1;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn start_once(
         runtime: Runtime,
         ca: &TestCa,
         gateway_cert: &Issued,
