@@ -29,6 +29,8 @@ const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
 /// A paused request.
 struct Waiter {
     context_id: u32,
+    /// The cache key of its (identity, resource).
+    key: String,
     grant: Grant,
     audit: AuditFields,
     deadline_ms: i64,
@@ -94,6 +96,7 @@ impl Broker {
         let key = token_cache::cache_key(grant.identity.folded(), &resource);
         let waiter = Waiter {
             context_id,
+            key: key.clone(),
             deadline_ms: now_ms + waiter_budget_ms(config),
             grant,
             audit,
@@ -306,6 +309,22 @@ impl Broker {
         }
     }
 
+    /// Azure answered a request carrying `token` with a claims challenge: revoke it for every
+    /// worker.
+    pub(crate) fn revoke(&self, key: &str, token: &str) {
+        match self.rules.revoke(&HostSharedData, key, token) {
+            Ok(revoked) => host::log(
+                LogLevel::Info,
+                &serde_json::json!({"event": "azgate.cae_revocation", "revoked": revoked})
+                    .to_string(),
+            ),
+            Err(refusal) => host::log(
+                LogLevel::Error,
+                &format!("azgate: could not revoke a refused token: {refusal}"),
+            ),
+        }
+    }
+
     fn ensure_ticking(&mut self, config: &Config) {
         if !self.ticking {
             let period = Duration::from_millis(config.token_wait_poll_ms);
@@ -378,28 +397,9 @@ fn apply(waiter: &Waiter, outcome: Result<&AccessToken, &Refusal>) -> Result<(),
 /// The cache key and the token a forwarded request carries, so a claims challenge in Azure's
 /// answer can revoke exactly that token.
 fn injected(waiter: &Waiter, outcome: Result<&AccessToken, &Refusal>) -> Option<(String, String)> {
-    let token = outcome.ok()?;
-    let resource = waiter.grant.resource.as_deref()?;
-    let key = token_cache::cache_key(waiter.grant.identity.folded(), resource);
-    Some((key, token.secret.clone()))
-}
-
-/// Azure answered a request carrying `token` with a claims challenge: revoke it for every worker.
-pub(crate) fn revoke(config: &Config, key: &str, token: &str) {
-    let rules = Rules {
-        expiry_margin_s: config.token_expiry_margin_s,
-        lock_ttl_ms: lock_ttl_ms(config),
-    };
-    match rules.revoke(&HostSharedData, key, token) {
-        Ok(revoked) => host::log(
-            LogLevel::Info,
-            &serde_json::json!({"event": "azgate.cae_revocation", "revoked": revoked}).to_string(),
-        ),
-        Err(refusal) => host::log(
-            LogLevel::Error,
-            &format!("azgate: could not revoke a refused token: {refusal}"),
-        ),
-    }
+    outcome
+        .ok()
+        .map(|token| (waiter.key.clone(), token.secret.clone()))
 }
 
 /// Completes a request inside its own `on_http_request_headers`.

@@ -298,7 +298,7 @@ impl HttpContext for Request {
         });
         // The 401 goes to the client unchanged; the token it carried is not used again.
         if let (Some((key, token)), Some(shared)) = (revoke, &self.shared) {
-            crate::broker::revoke(&shared.config(), &key, &token);
+            shared.broker.borrow().revoke(&key, &token);
         }
         Action::Continue
     }
