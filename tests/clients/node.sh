@@ -12,8 +12,18 @@ packages=("@azure/identity@4.13.1")
 stamp="$dir/.azgate-node-packages"
 
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
-    echo "node.sh: node and npm are required" >&2
-    exit 1
+    # A fresh machine: Debian's packages (this image's release ships Node 20).
+    if command -v apt-get >/dev/null; then
+        echo "node.sh: installing nodejs and npm from Debian" >&2
+        sudo=""
+        [[ "$(id -u)" == 0 ]] || sudo="sudo"
+        $sudo apt-get update -qq >&2
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >&2
+    fi
+    if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+        echo "node.sh: node (>= 20) and npm are required" >&2
+        exit 1
+    fi
 fi
 if [[ -f "$stamp" && "$(cat "$stamp")" == "${packages[*]}" && -d "$dir/node_modules/@azure/identity" ]]; then
     exit 0
