@@ -9,8 +9,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use azgate::emulator::Emulator;
 use azgate::token::{HttpClient, HyperClient, ProviderConfig, Source, TokenProvider, TokenService};
+use azgate_emulator::Emulator;
 use bytes::Bytes;
 
 const CLIENTS: usize = 50;

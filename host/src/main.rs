@@ -2,7 +2,6 @@
 
 mod cli_workstation;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -24,14 +23,6 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Emulate IMDS, the App Service identity endpoint and the Entra token endpoint on one
-    /// loopback port, for demos and tests. Faults are switched at runtime through
-    /// `POST /emulator/fault` (see the `azgate::emulator` docs).
-    ImdsEmulator {
-        /// Address to listen on; port 0 picks a free port (the chosen address is printed).
-        #[arg(long, default_value = "127.0.0.1:0")]
-        listen: SocketAddr,
-    },
     /// Serve managed-identity tokens over the IMDS protocol
     /// (`GET /metadata/identity/oauth2/token`, `Metadata: true`) and, with
     /// --app-service-header-file, the App Service protocol (`GET /msi/token`), cached with
@@ -255,15 +246,6 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             let _ = AZ_EXIT_CODE.set(code);
             Ok(())
         }
-        Command::ImdsEmulator { listen } => {
-            let emulator = azgate::emulator::Emulator::start(listen).await?;
-            // Scripts read this line to learn the port when they asked for port 0.
-            println!("listening on {}", emulator.local_addr());
-            tracing::info!(addr = %emulator.local_addr(), "IMDS emulator serving");
-            shutdown_signal().await;
-            emulator.shutdown();
-            Ok(())
-        }
         Command::Serve { config } => {
             let config = azgate::serve::ServeConfig::load(&config)
                 .map_err(|e| format!("invalid configuration: {e}"))?;
@@ -360,21 +342,7 @@ fn token_service_parts(args: &TokenServiceArgs) -> Result<BuiltTokenService, Tok
     args.settings().build_from_environment()
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub(crate) async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
-    }
-}
+pub(crate) use azgate_msi::server::shutdown_signal;
 
 /// Writes `path` by a rename from a temporary file beside it, so a reader (Envoy watching the
 /// directory) never sees half a file.

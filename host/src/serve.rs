@@ -34,6 +34,7 @@ pub use error::ServeError;
 pub use stats::WorkerStats;
 
 use crate::token::{HyperClient, TokenService};
+use azgate_msi::server::shutdown_signal;
 
 /// How long in-flight requests may take to finish after a stop signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -389,19 +390,4 @@ fn text(status: u16, body: String) -> Response<http_body_util::Full<Bytes>> {
         http::HeaderValue::from_static("text/plain; version=0.0.4"),
     );
     response
-}
-
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
-    }
 }

@@ -13,8 +13,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use azgate::emulator::{Emulator, TENANT_ID};
 use azgate::serve::{ServeConfig, start};
+use azgate_emulator::{Emulator, TENANT_ID};
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};

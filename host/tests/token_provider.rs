@@ -1,4 +1,5 @@
-//! The token provider against the IMDS emulator: the behaviours issue 3 lists under "Done when".
+//! The token provider against the IMDS emulator: cache, refresh-ahead, single-flight, retries
+//! and rate limits.
 //!
 //! Timing tests run on tokio's paused clock with the emulator in memory (no sockets), so a
 //! 70-second retry budget takes milliseconds and every instant is exact.
@@ -8,10 +9,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use azgate::emulator::{Emulator, Fault};
 use azgate::token::{
-    AccessToken, ManagedIdentity, ProviderConfig, Source, TokenError, TokenProvider,
+    AccessToken, HttpClient, ManagedIdentity, ProviderConfig, Source, TokenError, TokenProvider,
 };
+use azgate_emulator::{Emulator, Fault};
+use bytes::Bytes;
+use http::Request;
 use tokio::time::Instant;
 
 const ARM: &str = "https://management.azure.com/";
@@ -21,12 +24,21 @@ fn identity() -> ManagedIdentity {
     ManagedIdentity::ResourceId(MIRID.to_owned())
 }
 
+/// The emulator answering in memory, exactly as over a socket.
+struct InMemory(Emulator);
+
+impl HttpClient for InMemory {
+    fn send(&self, request: Request<Bytes>) -> azgate::token::SendFuture<'_> {
+        Box::pin(async move { Ok(self.0.handle(request).await) })
+    }
+}
+
 fn in_memory_provider(emulator: &Emulator, config: ProviderConfig) -> TokenProvider {
     TokenProvider::new(
         Source::Imds {
             endpoint: emulator.base_url(),
         },
-        Arc::new(emulator.clone()),
+        Arc::new(InMemory(emulator.clone())),
         config,
     )
 }

@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use azgate::emulator::{Emulator, Fault};
 use azgate::token::{
     HttpClient, HyperClient, ManagedIdentity, ProviderConfig, RunningTokenService, Source,
     TokenProvider, TokenService,
 };
+use azgate_emulator::{Emulator, Fault};
 use bytes::Bytes;
 use http::{Request, Response};
 use serde_json::Value;

@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-TENANT_ID = "72f988bf-86f1-41af-91ab-2d7cd011db47"  # azgate::emulator::TENANT_ID
+TENANT_ID = "72f988bf-86f1-41af-91ab-2d7cd011db47"  # azgate_emulator::TENANT_ID
 SUBSCRIPTION_ID = "00000000-0000-0000-0000-00000000a2a7"
 
 # Variables that would make Azure clients (or azgate's source detection) look anywhere but
@@ -58,12 +58,13 @@ def http_json(url, data=None, headers=None):
 
 
 class AzgateProcess:
-    """An `azgate` subcommand that prints `listening on ADDR` once it serves."""
+    """An `azgate` subcommand (or another azgate binary) that prints `listening on ADDR` once it
+    serves."""
 
-    def __init__(self, args, env):
-        binary = os.environ.get("AZGATE_BIN", str(REPO / "target" / "debug" / "azgate"))
+    def __init__(self, args, env, binary=None):
+        binary = binary or os.environ.get("AZGATE_BIN", str(REPO / "target" / "debug" / "azgate"))
         if not os.access(binary, os.X_OK):
-            pytest.fail(f"azgate binary not found at {binary}; run tests/clients/run.sh")
+            pytest.fail(f"binary not found at {binary}; run tests/clients/run.sh")
         # stderr goes to a file: an undrained pipe would block a chatty process.
         self.log = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen([binary, *args], stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
@@ -112,7 +113,9 @@ class TokenService(AzgateProcess):
 
 @pytest.fixture
 def emulator():
-    process = Emulator(["imds-emulator", "--listen", "127.0.0.1:0"], clean_env())
+    # The emulator is a test double: its own binary, not part of `azgate`.
+    binary = os.environ.get("AZGATE_EMULATOR_BIN", str(REPO / "target" / "debug" / "azgate-imds-emulator"))
+    process = Emulator(["--listen", "127.0.0.1:0"], clean_env(), binary)
     yield process
     process.stop()
 

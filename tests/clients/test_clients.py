@@ -1,7 +1,7 @@
 """Real Azure clients get managed-identity tokens through `azgate token-service`.
 
 The chain in every test: client -> azgate token-service (IMDS protocol, or App Service protocol
-with `--app-service-header-file`) -> azgate imds-emulator.
+with `--app-service-header-file`) -> azgate-imds-emulator.
 The emulator issues JWT-shaped tokens that name the identity they were issued for
 (`xms_mirid`), so a test can tell a token that made the whole trip from anything else, and its
 request counter shows how many calls reached "IMDS"."""

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use azgate::emulator::Emulator;
+use azgate_emulator::Emulator;
 use tokio::process::{Child, Command};
 
 use crate::pki::{Issued, TestCa};

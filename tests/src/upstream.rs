@@ -72,7 +72,7 @@ enum Mode {
 pub const FAKE_REQUEST_ID: &str = "fa4e0000-0000-4000-8000-00000000a2a7";
 
 /// The subscription the ARM fake lists (the emulator's).
-pub const ARM_SUBSCRIPTION_ID: &str = azgate::emulator::SUBSCRIPTION_ID;
+pub const ARM_SUBSCRIPTION_ID: &str = azgate_emulator::SUBSCRIPTION_ID;
 
 impl FakeAzure {
     /// Serves TLS with `server` (a certificate for the Azure host names) on 127.0.0.1.
@@ -306,7 +306,7 @@ fn data_plane_answer(seen: &Seen) -> Answer {
     let audience = |claims: &serde_json::Value, want: &str| {
         claims["aud"].as_str().map(|a| a.trim_end_matches('/')) == Some(want)
     };
-    let tenant = azgate::emulator::TENANT_ID;
+    let tenant = azgate_emulator::TENANT_ID;
     if host.ends_with(".vault.azure.net") {
         let Some(claims) = token.filter(|c| audience(c, "https://vault.azure.net")) else {
             return Answer {
@@ -410,7 +410,7 @@ fn arm_answer(seen: &Seen) -> (u16, serde_json::Value) {
             serde_json::json!({"value": [{
                 "id": subscription,
                 "subscriptionId": ARM_SUBSCRIPTION_ID,
-                "tenantId": azgate::emulator::TENANT_ID,
+                "tenantId": azgate_emulator::TENANT_ID,
                 "displayName": "azgate fake subscription",
                 "state": "Enabled",
                 "subscriptionPolicies": {"locationPlacementId": "Public_2014-09-01", "quotaId": "PayAsYouGo_2014-09-01", "spendingLimit": "Off"},

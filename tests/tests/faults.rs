@@ -57,8 +57,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use azgate::emulator::{Fault, busiest_window};
 use azgate::token::{ProviderConfig, RetryPolicy};
+use azgate_emulator::{Fault, busiest_window};
 use azgate_tests::topology::{Options, Runtime, Topology};
 use load::{Answer, Load, LoadSpec, Outcome};
 use tokio::time::Instant;
@@ -350,7 +350,7 @@ async fn drive(
             .requests()
             .into_iter()
             .filter(|r| r.received_at >= start && r.received_at < clear)
-            .filter(|r| r.path() == azgate::emulator::IMDS_TOKEN_PATH)
+            .filter(|r| r.path() == azgate_emulator::IMDS_TOKEN_PATH)
             .collect();
         let mut per_key: HashMap<(String, String), usize> = HashMap::new();
         for request in &window {

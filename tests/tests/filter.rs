@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use azgate::emulator::Fault;
+use azgate_emulator::Fault;
 use azgate_tests::jwt;
 use azgate_tests::pki::{AppCertSpec, Issued, KeyKind, PrivateKey};
 use azgate_tests::topology::{self, Options, Runtime, Topology};

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
-use azgate::emulator::Fault;
+use azgate_emulator::Fault;
 use azgate_tests::pki::{AppCertSpec, Issued, KeyKind};
 use azgate_tests::topology::{Options, Runtime, Topology};
 

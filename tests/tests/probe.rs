@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use azgate::emulator::Fault;
+use azgate_emulator::Fault;
 use azgate_tests::pki::{AppCertSpec, KeyKind};
 use azgate_tests::topology::{self, Options, Runtime, Topology};
 use base64::Engine as _;

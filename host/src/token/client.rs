@@ -1,5 +1,6 @@
 //! The outbound HTTP client toward token sources, behind a trait so tests can drive the
-//! emulator in memory (deterministic under tokio's paused clock).
+//! emulator (`azgate-emulator`, a dev-dependency) in memory, deterministic under tokio's paused
+//! clock.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,7 +15,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use super::error::TokenError;
-use crate::emulator::Emulator;
 
 /// Token responses are a few KiB; anything much larger is not one.
 const MAX_RESPONSE_BODY: usize = 256 * 1024;
@@ -90,8 +90,9 @@ fn transport_reason(error: &(dyn std::error::Error + 'static)) -> String {
     reason
 }
 
-/// The emulator answers in memory, exactly as over a socket.
-impl HttpClient for Emulator {
+/// The emulator answers in memory, exactly as over a socket (unit tests only).
+#[cfg(test)]
+impl HttpClient for azgate_emulator::Emulator {
     fn send(&self, request: Request<Bytes>) -> SendFuture<'_> {
         Box::pin(async move { Ok(self.handle(request).await) })
     }

@@ -29,16 +29,11 @@ use super::cae::TokenSha256;
 use super::error::TokenError;
 use super::provider::{AccessToken, TokenProvider};
 use super::source::{ManagedIdentity, Secret, Source};
-use crate::http_server::{self, json_response};
-use crate::imds_rules::{self, Query};
+use azgate_msi::request::{self as imds_rules, Query};
+use azgate_msi::server::{self as http_server, json_response};
 
-/// The IMDS token path.
-pub const TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
-/// The App Service token path (`IDENTITY_ENDPOINT=http://ADDR/msi/token`), matched ignoring
-/// case as App Service does.
-pub const APP_SERVICE_TOKEN_PATH: &str = "/msi/token";
-/// The App Service protocol's only api-version.
-const APP_SERVICE_API_VERSION: &str = "2019-08-01";
+use azgate_msi::protocol::APP_SERVICE_API_VERSION;
+pub use azgate_msi::protocol::{APP_SERVICE_TOKEN_PATH, IMDS_TOKEN_PATH as TOKEN_PATH};
 /// The header an App Service caller proves itself with.
 const APP_SERVICE_HEADER: &str = "x-identity-header";
 /// Longest `resource` or identity selector accepted (ARM ids are a few hundred bytes).

@@ -17,15 +17,13 @@ use serde_json::Value;
 use super::cae::TokenSha256;
 use super::client::HttpClient;
 use super::error::TokenError;
-use crate::civil_time::parse_us_date;
+use azgate_msi::protocol::{APP_SERVICE_API_VERSION, IMDS_API_VERSION, IMDS_TOKEN_PATH};
+use azgate_msi::us_date::parse_us_date;
 
 /// The IMDS address; never proxied, plain HTTP.
 pub const IMDS_ENDPOINT: &str = "http://169.254.169.254";
 /// The public-cloud Entra authority.
 pub const DEFAULT_AUTHORITY_HOST: &str = "https://login.microsoftonline.com";
-/// What azure-identity and MSAL send to IMDS; supports all three selectors.
-const IMDS_API_VERSION: &str = "2018-02-01";
-const APP_SERVICE_API_VERSION: &str = "2019-08-01";
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// Lifetime of the client assertion signed for certificate credentials.
 const ASSERTION_LIFETIME: Duration = Duration::from_secs(600);
@@ -386,7 +384,7 @@ impl Source {
                     ManagedIdentity::ResourceId(id) => drop(query.append_pair("msi_res_id", id)),
                 }
                 let url = format!(
-                    "{}/metadata/identity/oauth2/token?{}",
+                    "{}{IMDS_TOKEN_PATH}?{}",
                     endpoint.trim_end_matches('/'),
                     query.finish()
                 );

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::*;
-use crate::emulator::{DEFAULT_IDENTITY_HEADER, Emulator};
 use crate::token::ProviderConfig;
+use azgate_emulator::{DEFAULT_IDENTITY_HEADER, Emulator};
 
 const SECRET: &str = "service-secret-\u{1F511}";
 const MIRID: &str = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/a";

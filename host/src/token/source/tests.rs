@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use serde_json::json;
 
 use super::*;
-use crate::emulator::{self, Emulator};
+use azgate_emulator::{self as emulator, Emulator};
 
 /// A PEM bundle with a throwaway RSA key and its self-signed certificate (test-only; SHA-1
 /// fingerprint 1B:24:52:91:8C:46:69:96:1A:25:0D:E0:FE:CE:F9:C8:95:80:17:72).

@@ -6,19 +6,22 @@ use http::{Method, Request, StatusCode};
 
 /// Why a request was refused, in IMDS's terms.
 #[derive(Debug)]
-pub(crate) struct Refusal {
-    pub(crate) status: StatusCode,
-    pub(crate) code: &'static str,
-    pub(crate) description: String,
+pub struct Refusal {
+    /// The HTTP status IMDS answers with.
+    pub status: StatusCode,
+    /// IMDS's `error` code, e.g. `bad_request_102`.
+    pub code: &'static str,
+    /// IMDS's `error_description`.
+    pub description: String,
 }
 
 /// Query parameters in the order given.
-pub(crate) struct Query(Vec<(String, String)>);
+pub struct Query(Vec<(String, String)>);
 
 impl Query {
     /// Parses a query string; `Err(name)` names the first parameter given twice ("Requests with
     /// duplicate query parameter names will be rejected").
-    pub(crate) fn parse(query: Option<&str>) -> Result<Query, String> {
+    pub fn parse(query: Option<&str>) -> Result<Query, String> {
         let pairs: Vec<(String, String)> =
             form_urlencoded::parse(query.unwrap_or_default().as_bytes())
                 .map(|(key, value)| (key.into_owned(), value.into_owned()))
@@ -32,7 +35,7 @@ impl Query {
     }
 
     /// The value of parameter `name`.
-    pub(crate) fn first(&self, name: &str) -> Option<&str> {
+    pub fn first(&self, name: &str) -> Option<&str> {
         self.0
             .iter()
             .find(|(key, _)| key == name)
@@ -42,7 +45,7 @@ impl Query {
 
 /// GET only, no `X-Forwarded-For`, `Metadata: true` (lower case), no duplicate parameters.
 /// `api-version` and the token parameters are left to the caller.
-pub(crate) fn check(request: &Request<Bytes>) -> Result<Query, Refusal> {
+pub fn check(request: &Request<Bytes>) -> Result<Query, Refusal> {
     let refuse = |status, code, description: &str| Refusal {
         status,
         code,

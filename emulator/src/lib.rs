@@ -29,7 +29,7 @@
 //! time ("410 for the next 60 s, then recover"). A token request takes the first queued
 //! one-shot fault, else the schedule's current step, else the standing fault. A request that
 //! hangs keeps hanging after its step ends, as a real stuck connection would: its client has to
-//! give up. The admin API does the same over HTTP, for `azgate imds-emulator`:
+//! give up. The admin API does the same over HTTP, for `azgate-imds-emulator`:
 //!
 //! ```text
 //! curl -X POST http://ADDR/emulator/fault -d '{"fault":"status","status":429,"retry_after":7}'
@@ -76,9 +76,9 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::civil_time::format_us_date;
-use crate::http_server::{self, json_response};
-use crate::imds_rules::{self, Query};
+use azgate_msi::request::{self as imds_rules, Query};
+use azgate_msi::server::{self as http_server, json_response};
+use azgate_msi::us_date::format_us_date;
 
 /// The tenant every emulated token belongs to.
 pub const TENANT_ID: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
@@ -88,10 +88,8 @@ pub const SUBSCRIPTION_ID: &str = "00000000-0000-0000-0000-00000000a2a7";
 pub const SYSTEM_ASSIGNED_RESOURCE_ID: &str = "/subscriptions/00000000-0000-0000-0000-00000000a2a7/resourcegroups/azgate-emulator/providers/Microsoft.Compute/virtualMachines/emulator-vm";
 /// The `X-IDENTITY-HEADER` value the App Service endpoint expects unless changed.
 pub const DEFAULT_IDENTITY_HEADER: &str = "azgate-emulator-identity-header";
-/// IMDS paths.
-pub const IMDS_TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
-/// App Service path; `IDENTITY_ENDPOINT` is `http://ADDR` followed by this.
-pub const APP_SERVICE_TOKEN_PATH: &str = "/msi/token";
+use azgate_msi::protocol::{APP_SERVICE_API_VERSION, IMDS_INFO_PATH};
+pub use azgate_msi::protocol::{APP_SERVICE_TOKEN_PATH, IMDS_TOKEN_PATH};
 
 /// The api-versions IMDS accepts on the identity endpoint (its service-wide list).
 const IMDS_API_VERSIONS: &[&str] = &[
@@ -135,7 +133,7 @@ const IMDS_API_VERSIONS: &[&str] = &[
     "2024-07-17",
     "2025-04-07",
 ];
-/// A long-running `azgate imds-emulator` must not grow without bound.
+/// A long-running `azgate-imds-emulator` must not grow without bound.
 const MAX_RECORDED_REQUESTS: usize = 10_000;
 /// Token-request arrival times kept (8 bytes each), enough for hours of a rate-limited client.
 const MAX_RECORDED_ARRIVALS: usize = 100_000;
@@ -535,7 +533,7 @@ impl State {
             Endpoint::AppService
         } else if path.ends_with("/oauth2/v2.0/token") {
             Endpoint::Authority
-        } else if path == "/metadata/identity/info" {
+        } else if path == IMDS_INFO_PATH {
             return self.identity_info(&request);
         } else {
             return imds_error(StatusCode::NOT_FOUND, "not_found", "Path not found");
@@ -641,7 +639,7 @@ impl State {
                 &format!("duplicate query parameter {name}"),
             )
         })?;
-        if query.first("api-version") != Some("2019-08-01") {
+        if query.first("api-version") != Some(APP_SERVICE_API_VERSION) {
             return Err(app_service_error(
                 StatusCode::BAD_REQUEST,
                 "api-version must be 2019-08-01",

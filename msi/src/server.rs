@@ -1,4 +1,5 @@
-//! The small HTTP/1.1 server loop shared by the IMDS emulator and the token service.
+//! The small HTTP/1.1 server loop every IMDS-protocol server runs: the token service and the
+//! IMDS emulator.
 //!
 //! Handlers see a fully buffered `Request<Bytes>` and return a `Response<Bytes>`: every body
 //! these endpoints exchange is a few hundred bytes of JSON, so streaming would only add code.
@@ -22,12 +23,13 @@ use tokio::sync::watch;
 const MAX_REQUEST_BODY: usize = 64 * 1024;
 
 /// Something that answers one buffered request.
-pub(crate) trait Handler: Send + Sync + 'static {
+pub trait Handler: Send + Sync + 'static {
+    /// The answer to `request`, whose body is already read.
     fn handle(&self, request: Request<Bytes>) -> impl Future<Output = Response<Bytes>> + Send;
 }
 
 /// A listening socket: TCP or a unix socket.
-pub(crate) trait Listener: Send + 'static {
+pub trait Listener: Send + 'static {
     /// An accepted connection.
     type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     /// The next connection and a description of its peer for logs.
@@ -56,7 +58,7 @@ impl Listener for UnixListener {
 /// Accepts connections on `listener` until `shutdown` flips to `true` or its sender is dropped.
 /// Connections in progress are dropped at that point too, so a hanging handler cannot keep a
 /// stopped server alive.
-pub(crate) async fn serve<L: Listener, H: Handler>(
+pub async fn serve<L: Listener, H: Handler>(
     listener: L,
     handler: Arc<H>,
     mut shutdown: watch::Receiver<bool>,
@@ -96,7 +98,7 @@ pub(crate) async fn serve<L: Listener, H: Handler>(
 }
 
 /// Resolves once the server should stop: the flag was set or every sender is gone.
-pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     // `wait_for` errs only when the sender is dropped, which also means "stop".
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
@@ -118,7 +120,7 @@ async fn dispatch<H: Handler>(handler: &H, request: Request<Incoming>) -> Respon
 }
 
 /// A JSON response with the given status.
-pub(crate) fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Bytes> {
+pub fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Bytes> {
     let mut response = Response::new(body.into());
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -126,4 +128,20 @@ pub(crate) fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Respo
         http::HeaderValue::from_static("application/json; charset=utf-8"),
     );
     response
+}
+
+/// Resolves on SIGINT or SIGTERM: how every long-running azgate process learns to stop.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
 }
