@@ -36,7 +36,7 @@ build:
 test: wasm envoy test-unit test-filter test-envoy-config test-clients test-workstation
 
 test-unit: wasm probe
-	$(CARGO) test -p azgate-filter -p azgate -p azgate-wasmhost
+	$(CARGO) test -p azgate-filter -p azgate-msi -p azgate-emulator -p azgate -p azgate-wasmhost
 
 test-filter: wasm envoy
 	$(CARGO) build -p azgate

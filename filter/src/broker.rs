@@ -9,17 +9,24 @@
 //! drops it if that context is gone. So when a request that owns a fetch goes away, the fetch is
 //! re-dispatched from the root context on the next tick; otherwise other workers would wait for
 //! a response nobody receives until the claim goes stale.
+//!
+//! It also ends every request, in one place: a refused request gets its audit line and its
+//! Azure-style answer at once ([`refuse`]); a forwarded one has its headers rewritten
+//! ([`rewrite`]) and its audit line held until the response is known and the stream ends
+//! ([`Broker::on_response_headers`], [`Broker::on_stream_end`]).
+//!
+//! Every host call goes through [`Host`], so this state machine runs natively in the unit tests
+//! (`broker/tests.rs`) on a fake host with a fake clock.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
+use proxy_wasm::types::{Action, LogLevel};
 
 use crate::config::Config;
-use crate::decision::{AuditFields, Grant};
+use crate::decision::{AuditFields, Grant, UpstreamFields};
 use crate::error::Refusal;
-use crate::host::{self, HostSharedData};
+use crate::host::Host;
 use crate::imds::{self, AccessToken};
 use crate::token_cache::{self, Acquire, Poll, Rules};
 
@@ -38,7 +45,7 @@ struct Waiter {
 
 /// Where the fetch for a key stands, seen from this VM.
 enum Phase {
-    /// This VM dispatched call-out `call` from context `owner` at `started_ms`.
+    /// This VM dispatched a call-out from context `owner` at `started_ms`.
     Fetching { owner: u32, started_ms: i64 },
     /// The owner went away before the answer; re-dispatch from the root on the next tick.
     Orphaned,
@@ -55,17 +62,50 @@ struct Pending {
     waiters: Vec<Waiter>,
 }
 
-pub(crate) struct Broker {
+/// A request that went upstream, until its stream ends.
+struct Forwarded {
+    audit: AuditFields,
+    /// (cache key, token) injected: revoked if Azure answers with a claims challenge.
+    injected: Option<(String, String)>,
+}
+
+/// Whether a request is finished inside its own `on_http_request_headers` (the returned
+/// [`Action`] continues or stops it) or later, from another callback (switch to it first, then
+/// resume it).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Resume {
+    Inline,
+    Deferred,
+}
+
+/// A request whose token step is over.
+struct Ending<'a> {
+    context_id: u32,
+    target: &'a str,
+    /// The cache key of the token it asked for (none for unauthenticated forwarding).
+    key: Option<String>,
+    audit: AuditFields,
+}
+
+/// The token a request goes upstream with, and whether it came from the shared cache.
+type Injected<'a> = Option<(&'a AccessToken, bool)>;
+
+/// The per-VM broker. A VM is single-threaded; this is all of its request bookkeeping.
+pub struct Broker {
     root_id: u32,
     rules: Rules,
     nonce: u64,
     pending: HashMap<String, Pending>,
     calls: HashMap<u32, String>,
     ticking: bool,
+    /// Audit records of forwarded requests, by context id, until the response is known: the
+    /// line is written at the end of the stream with Azure's status and request ids.
+    forwarded: HashMap<u32, Forwarded>,
 }
 
 impl Broker {
-    pub(crate) fn new(config: &Config, root_id: u32, now_ms: i64) -> Self {
+    /// A broker for the VM whose root context is `root_id`, configured at `now_ms`.
+    pub fn new(config: &Config, root_id: u32, now_ms: i64) -> Self {
         // Unique per VM: start time and root id. Nonces only need to differ between workers.
         let nonce = (now_ms as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(root_id) << 48;
         Self {
@@ -78,21 +118,31 @@ impl Broker {
             pending: HashMap::new(),
             calls: HashMap::new(),
             ticking: false,
+            forwarded: HashMap::new(),
         }
     }
 
-    /// Gets the token for an authorised request of context `context_id`: inline on a cache hit
-    /// (the request continues), otherwise by pausing it until the token arrives.
-    pub(crate) fn request_token(
+    /// Sends the authorised request of context `context_id` (the effective context) on its
+    /// way: at once without a token (unauthenticated forwarding) or on a cache hit, otherwise by
+    /// pausing it until the token arrives.
+    pub fn on_authorised<H: Host>(
         &mut self,
+        host: &H,
         config: &Config,
-        store: &HostSharedData,
         context_id: u32,
         grant: Grant,
         audit: AuditFields,
-        now_ms: i64,
     ) -> Action {
-        let resource = grant.resource.clone().unwrap_or_default();
+        let Some(resource) = grant.resource.clone() else {
+            let ending = Ending {
+                context_id,
+                target: &grant.target,
+                key: None,
+                audit,
+            };
+            return self.finish(host, ending, Ok(None), Resume::Inline);
+        };
+        let now_ms = host.now_ms();
         let key = token_cache::cache_key(grant.identity.folded(), &resource);
         let waiter = Waiter {
             context_id,
@@ -106,21 +156,23 @@ impl Broker {
             return Action::Pause;
         }
         let identity = waiter.grant.identity.as_str().to_string();
-        let phase = match self.rules.acquire(store, &key, now_ms, self.nonce) {
-            Ok(Acquire::Hit(token)) => return finish_inline(waiter, Ok(&token)),
-            Ok(Acquire::Fetch) => match self.dispatch(config, &key, &identity, &resource) {
+        let phase = match self.rules.acquire(host, &key, now_ms, self.nonce) {
+            Ok(Acquire::Hit(token)) => {
+                return self.finish_waiter(host, waiter, Ok(Some((&token, true))), Resume::Inline);
+            }
+            Ok(Acquire::Fetch) => match self.dispatch(host, config, &key, &identity, &resource) {
                 Ok(()) => Phase::Fetching {
                     owner: context_id,
                     started_ms: now_ms,
                 },
                 Err(refusal) => {
-                    self.publish(store, &key, &Err(refusal.clone()), now_ms);
-                    return finish_inline(waiter, Err(&refusal));
+                    self.publish(host, &key, &Err(refusal.clone()), now_ms);
+                    return self.finish_waiter(host, waiter, Err(&refusal), Resume::Inline);
                 }
             },
             Ok(Acquire::Settle) => Phase::Settling { since_ms: now_ms },
             Ok(Acquire::Wait) => Phase::Waiting { since_ms: now_ms },
-            Err(refusal) => return finish_inline(waiter, Err(&refusal)),
+            Err(refusal) => return self.finish_waiter(host, waiter, Err(&refusal), Resume::Inline),
         };
         self.pending.insert(
             key,
@@ -131,14 +183,14 @@ impl Broker {
                 waiters: vec![waiter],
             },
         );
-        self.ensure_ticking(config);
+        self.ensure_ticking(host, config);
         Action::Pause
     }
 
     /// A call-out answered (or failed): publish the outcome and release this VM's waiters.
-    pub(crate) fn on_call_response(
+    pub fn on_call_response<H: Host>(
         &mut self,
-        config: &Config,
+        host: &H,
         call: u32,
         num_headers: usize,
         body_size: usize,
@@ -146,32 +198,23 @@ impl Broker {
         let Some(key) = self.calls.remove(&call) else {
             return;
         };
-        let now_ms = host::now_ms();
-        let outcome = read_token_response(num_headers, body_size, now_ms / 1000);
-        self.publish(&HostSharedData, &key, &outcome, now_ms);
+        let now_ms = host.now_ms();
+        let outcome = read_token_response(host, num_headers, body_size, now_ms / 1000);
+        self.publish(host, &key, &outcome, now_ms);
         if let Some(pending) = self.pending.remove(&key) {
-            log_fetch(config, &pending, &outcome);
+            log_fetch(host, &pending, &outcome);
+            let outcome = outcome.as_ref().map(|token| Some((token, false)));
             for waiter in pending.waiters {
-                finish_deferred(waiter, outcome.as_ref(), false);
+                self.finish_waiter(host, waiter, outcome, Resume::Deferred);
             }
         }
-    }
-
-    /// The request of `context_id` is finished: it no longer waits, and a fetch it owned is
-    /// re-dispatched by the root.
-    pub(crate) fn forget(&mut self, context_id: u32) {
-        for pending in self.pending.values_mut() {
-            pending.waiters.retain(|w| w.context_id != context_id);
-            if matches!(pending.phase, Phase::Fetching { owner, .. } if owner == context_id) {
-                pending.phase = Phase::Orphaned;
-            }
-        }
+        self.stop_ticking_if_idle(host);
     }
 
     /// Polls other workers' fetches, confirms first claims, re-dispatches orphaned fetches and
     /// times out waiters past their deadline.
-    pub(crate) fn on_tick(&mut self, config: &Config, now_ms: i64) {
-        let store = HostSharedData;
+    pub fn on_tick<H: Host>(&mut self, host: &H, config: &Config) {
+        let now_ms = host.now_ms();
         let keys: Vec<String> = self.pending.keys().cloned().collect();
         for key in keys {
             let Some(mut pending) = self.pending.remove(&key) else {
@@ -186,7 +229,7 @@ impl Broker {
                 "timed out waiting for a managed identity token".into(),
             );
             for waiter in expired {
-                finish_deferred(waiter, Err(&timeout), false);
+                self.finish_waiter(host, waiter, Err(&timeout), Resume::Deferred);
             }
             let polled = match pending.phase {
                 Phase::Fetching { started_ms, .. }
@@ -201,11 +244,11 @@ impl Broker {
                     if now_ms - since_ms < config.token_wait_poll_ms as i64 {
                         Ok(Poll::Pending)
                     } else {
-                        self.rules.confirm(&store, &key, self.nonce, now_ms)
+                        self.rules.confirm(host, &key, self.nonce, now_ms)
                     }
                 }
                 Phase::Waiting { since_ms } => {
-                    self.rules.poll(&store, &key, since_ms, now_ms, self.nonce)
+                    self.rules.poll(host, &key, since_ms, now_ms, self.nonce)
                 }
             };
             match polled {
@@ -224,12 +267,17 @@ impl Broker {
                 Ok(Poll::Ready(token)) => {
                     // Fetched by another worker: from the shared cache.
                     for waiter in pending.waiters {
-                        finish_deferred(waiter, Ok(&token), true);
+                        self.finish_waiter(
+                            host,
+                            waiter,
+                            Ok(Some((&token, true))),
+                            Resume::Deferred,
+                        );
                     }
                 }
                 Ok(Poll::Failed(refusal)) | Err(refusal) => {
                     for waiter in pending.waiters {
-                        finish_deferred(waiter, Err(&refusal), false);
+                        self.finish_waiter(host, waiter, Err(&refusal), Resume::Deferred);
                     }
                 }
                 Ok(Poll::Settle) => {
@@ -239,7 +287,7 @@ impl Broker {
                 Ok(Poll::Fetch) => {
                     // Dispatched from the tick, so the answer comes to the root context.
                     self.calls.retain(|_, k| *k != key);
-                    match self.dispatch(config, &key, &pending.identity, &pending.resource) {
+                    match self.dispatch(host, config, &key, &pending.identity, &pending.resource) {
                         Ok(()) => {
                             pending.phase = Phase::Fetching {
                                 owner: self.root_id,
@@ -248,61 +296,162 @@ impl Broker {
                             self.pending.insert(key, pending);
                         }
                         Err(refusal) => {
-                            self.publish(&store, &key, &Err(refusal.clone()), now_ms);
+                            self.publish(host, &key, &Err(refusal.clone()), now_ms);
                             for waiter in pending.waiters {
-                                finish_deferred(waiter, Err(&refusal), false);
+                                self.finish_waiter(host, waiter, Err(&refusal), Resume::Deferred);
                             }
                         }
                     }
                 }
             }
         }
-        if self.pending.is_empty() && self.ticking {
-            let _ = hostcalls::set_tick_period(Duration::ZERO);
-            self.ticking = false;
+        self.stop_ticking_if_idle(host);
+    }
+
+    /// Azure's response headers for the forwarded request of `context_id` (the effective
+    /// context): noted for its audit line; a claims challenge revokes the injected token for
+    /// every worker. The response goes to the client unchanged.
+    pub fn on_response_headers<H: Host>(&mut self, host: &H, context_id: u32) {
+        let Some(entry) = self.forwarded.get_mut(&context_id) else {
+            return;
+        };
+        let header = |name: &str| host.response_header(name);
+        let upstream = UpstreamFields::from_response(
+            header(":status").as_deref(),
+            header("x-ms-request-id").as_deref(),
+            header("x-ms-correlation-request-id").as_deref(),
+            entry.audit.started_ms,
+            host.now_ms(),
+        );
+        let challenged = upstream.status == 401
+            && header("www-authenticate").is_some_and(|v| imds::is_claims_challenge(&v));
+        entry.audit.upstream = Some(upstream);
+        if challenged && let Some((key, token)) = entry.injected.take() {
+            self.revoke(host, &key, &token);
         }
     }
 
-    fn dispatch(
+    /// The stream of `context_id` ended (`on_log`, or `on_done` if the host skips it): it no
+    /// longer waits, a fetch it owned is re-dispatched by the root, and a forwarded request's
+    /// audit line is written, once.
+    pub fn on_stream_end<H: Host>(&mut self, host: &H, context_id: u32) {
+        for pending in self.pending.values_mut() {
+            pending.waiters.retain(|w| w.context_id != context_id);
+            if matches!(pending.phase, Phase::Fetching { owner, .. } if owner == context_id) {
+                pending.phase = Phase::Orphaned;
+            }
+        }
+        if let Some(done) = self.forwarded.remove(&context_id) {
+            host.log(LogLevel::Info, &done.audit.line(Ok(())));
+        }
+    }
+
+    fn finish_waiter<H: Host>(
         &mut self,
+        host: &H,
+        waiter: Waiter,
+        outcome: Result<Injected<'_>, &Refusal>,
+        resume: Resume,
+    ) -> Action {
+        let Waiter {
+            context_id,
+            key,
+            grant,
+            audit,
+            ..
+        } = waiter;
+        let ending = Ending {
+            context_id,
+            target: &grant.target,
+            key: Some(key),
+            audit,
+        };
+        self.finish(host, ending, outcome, resume)
+    }
+
+    /// Where every request that got past the decision ends: forwarded (headers rewritten, the
+    /// audit line held until the stream ends) or refused (audit line and local answer now). A
+    /// deferred request whose stream is gone is skipped.
+    fn finish<H: Host>(
+        &mut self,
+        host: &H,
+        ending: Ending<'_>,
+        outcome: Result<Injected<'_>, &Refusal>,
+        resume: Resume,
+    ) -> Action {
+        let Ending {
+            context_id,
+            target,
+            key,
+            mut audit,
+        } = ending;
+        if resume == Resume::Deferred && host.set_effective_context(context_id).is_err() {
+            return Action::Pause;
+        }
+        let rewritten = outcome.map_err(Refusal::clone).and_then(|injected| {
+            rewrite(host, target, injected.map(|(token, _)| token)).map(|()| injected)
+        });
+        match rewritten {
+            Ok(injected) => {
+                audit.token_cached = injected.map(|(_, cached)| cached);
+                let injected = key.zip(injected.map(|(token, _)| token.secret.clone()));
+                self.forwarded
+                    .insert(context_id, Forwarded { audit, injected });
+                if resume == Resume::Inline {
+                    return Action::Continue;
+                }
+                if let Err(status) = host.resume_request() {
+                    host.log(
+                        LogLevel::Error,
+                        &format!("azgate: could not resume a request ({status:?})"),
+                    );
+                }
+                Action::Continue
+            }
+            Err(refusal) => refuse(host, &audit, &refusal),
+        }
+    }
+
+    fn dispatch<H: Host>(
+        &mut self,
+        host: &H,
         config: &Config,
         key: &str,
         identity: &str,
         resource: &str,
     ) -> Result<(), Refusal> {
-        let refresh = self.rules.refresh_hash(&HostSharedData, key);
+        let refresh = self.rules.refresh_hash(host, key);
         let path = imds::token_request_path(identity, resource, refresh.as_deref());
-        let call = hostcalls::dispatch_http_call(
-            &config.token_cluster,
-            vec![
-                (":method", "GET"),
-                (":path", &path),
-                (":authority", &config.token_authority),
-                ("metadata", "true"),
-            ],
-            None,
-            vec![],
-            Duration::from_millis(config.token_timeout_ms),
-        )
-        .map_err(|status| {
-            Refusal::TokenUnavailable(format!(
-                "the token call-out to cluster {:?} could not be started ({status:?})",
-                config.token_cluster
-            ))
-        })?;
+        let call = host
+            .dispatch_call(
+                &config.token_cluster,
+                vec![
+                    (":method", "GET"),
+                    (":path", &path),
+                    (":authority", &config.token_authority),
+                    ("metadata", "true"),
+                ],
+                Duration::from_millis(config.token_timeout_ms),
+            )
+            .map_err(|status| {
+                Refusal::TokenUnavailable(format!(
+                    "the token call-out to cluster {:?} could not be started ({status:?})",
+                    config.token_cluster
+                ))
+            })?;
         self.calls.insert(call, key.to_string());
         Ok(())
     }
 
-    fn publish(
+    fn publish<H: Host>(
         &self,
-        store: &HostSharedData,
+        host: &H,
         key: &str,
         outcome: &Result<AccessToken, Refusal>,
         now_ms: i64,
     ) {
-        if let Err(refusal) = self.rules.complete(store, key, outcome, now_ms) {
-            host::log(
+        if let Err(refusal) = self.rules.complete(host, key, outcome, now_ms) {
+            host.log(
                 LogLevel::Error,
                 &format!("azgate: could not publish a token outcome: {refusal}"),
             );
@@ -311,24 +460,31 @@ impl Broker {
 
     /// Azure answered a request carrying `token` with a claims challenge: revoke it for every
     /// worker.
-    pub(crate) fn revoke(&self, key: &str, token: &str) {
-        match self.rules.revoke(&HostSharedData, key, token) {
-            Ok(revoked) => host::log(
+    fn revoke<H: Host>(&self, host: &H, key: &str, token: &str) {
+        match self.rules.revoke(host, key, token) {
+            Ok(revoked) => host.log(
                 LogLevel::Info,
                 &serde_json::json!({"event": "azgate.cae_revocation", "revoked": revoked})
                     .to_string(),
             ),
-            Err(refusal) => host::log(
+            Err(refusal) => host.log(
                 LogLevel::Error,
                 &format!("azgate: could not revoke a refused token: {refusal}"),
             ),
         }
     }
 
-    fn ensure_ticking(&mut self, config: &Config) {
+    fn ensure_ticking<H: Host>(&mut self, host: &H, config: &Config) {
         if !self.ticking {
             let period = Duration::from_millis(config.token_wait_poll_ms);
-            self.ticking = hostcalls::set_tick_period(period).is_ok();
+            self.ticking = host.set_tick_period(period).is_ok();
+        }
+    }
+
+    fn stop_ticking_if_idle<H: Host>(&mut self, host: &H) {
+        if self.pending.is_empty() && self.ticking {
+            let _ = host.set_tick_period(Duration::ZERO);
+            self.ticking = false;
         }
     }
 }
@@ -344,7 +500,8 @@ fn waiter_budget_ms(config: &Config) -> i64 {
     2 * lock_ttl_ms(config) + config.token_wait_poll_ms as i64
 }
 
-fn read_token_response(
+fn read_token_response<H: Host>(
+    host: &H,
     num_headers: usize,
     body_size: usize,
     now_s: i64,
@@ -355,10 +512,8 @@ fn read_token_response(
             "the token service could not be reached".into(),
         ));
     }
-    // Bytes: the string API traps on a non-UTF-8 value, and the answer is not ours.
-    let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
-        .ok()
-        .flatten()
+    let status = host
+        .call_response_header(":status")
         .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
         .ok_or_else(|| {
             Refusal::InvalidTokenServiceResponse("the token service answer has no status".into())
@@ -368,14 +523,10 @@ fn read_token_response(
             "the token service answer is too large".into(),
         ));
     }
-    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-    imds::parse_token_response(status, &body, now_s)
+    imds::parse_token_response(status, &host.call_response_body(body_size), now_s)
 }
 
-fn log_fetch(_config: &Config, pending: &Pending, outcome: &Result<AccessToken, Refusal>) {
+fn log_fetch<H: Host>(host: &H, pending: &Pending, outcome: &Result<AccessToken, Refusal>) {
     let line = serde_json::json!({
         "event": "azgate.token_fetch",
         "identity": pending.identity,
@@ -383,61 +534,47 @@ fn log_fetch(_config: &Config, pending: &Pending, outcome: &Result<AccessToken, 
         "outcome": outcome.as_ref().map(|_| "ok").unwrap_or_else(|r| r.code()),
         "expires_on": outcome.as_ref().ok().map(|t| t.expires_on),
     });
-    host::log(LogLevel::Info, &line.to_string());
+    host.log(LogLevel::Info, &line.to_string());
 }
 
-/// Applies the outcome to the request's headers, or gives the refusal to answer with.
-fn apply(waiter: &Waiter, outcome: Result<&AccessToken, &Refusal>) -> Result<(), Refusal> {
-    match outcome {
-        Ok(token) => host::rewrite(&waiter.grant.target, Some(token)),
-        Err(refusal) => Err(refusal.clone()),
+/// Rewrites the effective request for upstream: the target as `:authority`, the MSI token (if
+/// any) as the only credential, and none of the headers that were meant for azgate.
+fn rewrite<H: Host>(host: &H, target: &str, token: Option<&AccessToken>) -> Result<(), Refusal> {
+    let internal = |s| Refusal::Internal(format!("could not rewrite the request ({s:?})"));
+    let bearer = token.map(|t| format!("Bearer {}", t.secret));
+    host.set_request_header("authorization", bearer.as_deref())
+        .map_err(internal)?;
+    host.set_request_header(":authority", Some(target))
+        .map_err(internal)?;
+    for name in ["x-forwarded-client-cert", "x-forwarded-host"] {
+        host.set_request_header(name, None).map_err(internal)?;
     }
+    Ok(())
 }
 
-/// The cache key and the token a forwarded request carries, so a claims challenge in Azure's
-/// answer can revoke exactly that token.
-fn injected(waiter: &Waiter, outcome: Result<&AccessToken, &Refusal>) -> Option<(String, String)> {
-    outcome
-        .ok()
-        .map(|token| (waiter.key.clone(), token.secret.clone()))
+/// Refuses the effective request: its audit line now, and a local answer with the refusal's
+/// status and Azure-style body. The request stops here ([`Action::Pause`]).
+pub fn refuse<H: Host>(host: &H, audit: &AuditFields, refusal: &Refusal) -> Action {
+    host.log(LogLevel::Info, &audit.line(Err(refusal)));
+    let body = refusal.body();
+    let mut headers = vec![
+        ("content-type", "application/json; charset=utf-8"),
+        ("x-azgate-error", refusal.code()),
+    ];
+    if let Some(challenge) = refusal.challenge() {
+        headers.push(("www-authenticate", challenge));
+    }
+    if let Err(status) = host.send_response(refusal.status(), headers, body.as_bytes()) {
+        host.log(
+            LogLevel::Error,
+            &format!(
+                "azgate: could not send the {} refusal ({status:?})",
+                refusal.code()
+            ),
+        );
+    }
+    Action::Pause
 }
 
-/// Completes a request inside its own `on_http_request_headers`.
-fn finish_inline(waiter: Waiter, outcome: Result<&AccessToken, &Refusal>) -> Action {
-    match apply(&waiter, outcome) {
-        Ok(()) => {
-            let injected = injected(&waiter, outcome);
-            host::forwarded(waiter.context_id, waiter.audit, Some(true), injected);
-            Action::Continue
-        }
-        Err(refusal) => {
-            host::log(LogLevel::Info, &waiter.audit.line(Err(&refusal)));
-            host::refuse(&refusal);
-            Action::Pause
-        }
-    }
-}
-
-/// Completes a paused request from another callback: switch to its context, then resume it
-/// or answer it. A request whose stream is gone is skipped.
-fn finish_deferred(waiter: Waiter, outcome: Result<&AccessToken, &Refusal>, cached: bool) {
-    if hostcalls::set_effective_context(waiter.context_id).is_err() {
-        return;
-    }
-    match apply(&waiter, outcome) {
-        Ok(()) => {
-            let injected = injected(&waiter, outcome);
-            host::forwarded(waiter.context_id, waiter.audit, Some(cached), injected);
-            if let Err(status) = hostcalls::resume_http_request() {
-                host::log(
-                    LogLevel::Error,
-                    &format!("azgate: could not resume a request ({status:?})"),
-                );
-            }
-        }
-        Err(refusal) => {
-            host::log(LogLevel::Info, &waiter.audit.line(Err(&refusal)));
-            host::refuse(&refusal);
-        }
-    }
-}
+#[cfg(test)]
+mod tests;

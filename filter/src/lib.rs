@@ -7,15 +7,20 @@
 //! (cached in shared data for every worker), and forwards the request with that token. Every
 //! refusal is an Azure-style JSON error; nothing is forwarded on any failure.
 //!
-//! The decisions live in plain modules with native unit tests; the proxy-wasm glue (`host`,
-//! `broker`) is compiled for wasm32 only.
+//! The decisions live in plain modules with native unit tests. The request path:
+//! `context` (wasm32 only: the proxy-wasm root and request contexts) →
+//! [`decision`] (identity, JWT, RBAC, endpoint) → [`broker`] (token from the shared cache or a
+//! call-out, rewrite, audit line) → the host forwards. Every host call goes through
+//! [`host::Host`], so the broker's state machine is tested natively on a fake host.
 
 pub mod audience;
+pub mod broker;
 pub mod config;
 pub mod decision;
 pub mod endpoint;
 pub mod error;
 pub mod headers;
+pub mod host;
 pub mod identity;
 pub mod imds;
 pub mod jwt;
@@ -25,11 +30,9 @@ pub mod template;
 pub mod token_cache;
 
 #[cfg(target_arch = "wasm32")]
-mod broker;
-#[cfg(target_arch = "wasm32")]
-mod host;
+mod context;
 
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{
-    host::register();
+    context::register();
 }}
