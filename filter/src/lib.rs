@@ -13,6 +13,8 @@
 //! call-out, rewrite, audit line) → the host forwards. Every host call goes through
 //! [`host::Host`], so the broker's state machine is tested natively on a fake host.
 
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod audience;
 pub mod broker;
 pub mod config;
@@ -32,7 +34,12 @@ pub mod token_cache;
 #[cfg(target_arch = "wasm32")]
 mod context;
 
+/// The exported start function (`_initialize`, written by the SDK's macro): installs the root
+/// context factory.
 #[cfg(target_arch = "wasm32")]
-proxy_wasm::main! {{
-    context::register();
-}}
+#[allow(unreachable_pub)] // the function is exported by symbol, not by path
+mod start {
+    proxy_wasm::main! {{
+        crate::context::register();
+    }}
+}

@@ -50,8 +50,11 @@ pub enum Template {
     Literal(String),
     /// `prefix{{expression}}suffix`.
     Expansion {
+        /// Text before `{{`.
         prefix: String,
+        /// What the braces hold.
         expression: Expression,
+        /// Text after `}}`.
         suffix: String,
     },
 }
@@ -60,13 +63,21 @@ pub enum Template {
 #[derive(Clone, Debug)]
 pub enum Expression {
     /// `internal.NAME` or `external.NAME`: the trait's values.
-    Trait { namespace: Namespace, name: String },
+    Trait {
+        /// `internal` or `external`.
+        namespace: Namespace,
+        /// The trait's name.
+        name: String,
+    },
     /// `email.local(EXPR)`.
     EmailLocal(Box<Expression>),
     /// `regexp.replace(EXPR, "PATTERN", "REPLACEMENT")`.
     RegexpReplace {
+        /// The expression whose values are rewritten.
         input: Box<Expression>,
+        /// The regular expression, as `regexp.replace` takes it in Teleport.
         pattern: Regex,
+        /// The replacement, with `$1`-style groups.
         replacement: String,
     },
 }
@@ -74,7 +85,9 @@ pub enum Expression {
 /// Where a trait name is looked up (both read the certificate's one trait map, as in Teleport).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Namespace {
+    /// `internal.*`: traits Teleport sets.
     Internal,
+    /// `external.*`: traits from the identity provider.
     External,
 }
 

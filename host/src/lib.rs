@@ -4,6 +4,8 @@
 //! - [`token`]: managed-identity tokens from every source, cached with refresh-ahead and
 //!   single-flight, served over the IMDS protocol by `azgate token-service`.
 
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod devca;
 pub mod envoy_config;
 pub mod serve;

@@ -3,19 +3,19 @@
 
 /// `proxy_status_t` values this host returns. Only codes the Rust SDK 0.2.x understands are
 /// used (it has no 5, 6, 9, 11 or 12 and treats unknown codes as undefined behaviour).
-pub mod status {
+pub(crate) mod status {
     /// Success.
-    pub const OK: i32 = 0;
+    pub(crate) const OK: i32 = 0;
     /// The key, buffer or property does not exist.
-    pub const NOT_FOUND: i32 = 1;
+    pub(crate) const NOT_FOUND: i32 = 1;
     /// A bad argument (unknown cluster, missing pseudo-header, unknown context, ...).
-    pub const BAD_ARGUMENT: i32 = 2;
+    pub(crate) const BAD_ARGUMENT: i32 = 2;
     /// Input could not be parsed (e.g. a malformed pair map).
-    pub const PARSE_FAILURE: i32 = 4;
+    pub(crate) const PARSE_FAILURE: i32 = 4;
     /// Nothing to return (an empty queue).
-    pub const EMPTY: i32 = 7;
+    pub(crate) const EMPTY: i32 = 7;
     /// Compare-and-swap mismatch.
-    pub const CAS_MISMATCH: i32 = 8;
+    pub(crate) const CAS_MISMATCH: i32 = 8;
 }
 
 /// `Action` returned by stream callbacks.
@@ -40,7 +40,7 @@ impl Action {
 
 /// Header map types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MapType {
+pub(crate) enum MapType {
     /// Request headers of the stream.
     RequestHeaders,
     /// Request trailers of the stream.
@@ -61,7 +61,7 @@ pub enum MapType {
 
 impl MapType {
     /// Decodes the ABI value.
-    pub fn from_raw(raw: i32) -> Option<Self> {
+    pub(crate) fn from_raw(raw: i32) -> Option<Self> {
         Some(match raw {
             0 => Self::RequestHeaders,
             1 => Self::RequestTrailers,
@@ -78,7 +78,7 @@ impl MapType {
 
 /// Buffer types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BufferType {
+pub(crate) enum BufferType {
     /// Request body of the stream.
     HttpRequestBody,
     /// Response body of the stream.
@@ -101,7 +101,7 @@ pub enum BufferType {
 
 impl BufferType {
     /// Decodes the ABI value.
-    pub fn from_raw(raw: i32) -> Option<Self> {
+    pub(crate) fn from_raw(raw: i32) -> Option<Self> {
         Some(match raw {
             0 => Self::HttpRequestBody,
             1 => Self::HttpResponseBody,
@@ -118,7 +118,7 @@ impl BufferType {
 }
 
 /// Log levels, TRACE=0 .. CRITICAL=5.
-pub fn log_level_name(level: i32) -> &'static str {
+pub(crate) fn log_level_name(level: i32) -> &'static str {
     match level {
         0 => "trace",
         1 => "debug",

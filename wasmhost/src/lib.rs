@@ -7,6 +7,8 @@
 //! tick — comes back as [`Effects`] for the embedding proxy to carry out afterwards, the way
 //! Envoy defers those actions until the VM call returns.
 
+#![warn(missing_docs, unreachable_pub)]
+
 mod abi;
 mod error;
 mod imports;

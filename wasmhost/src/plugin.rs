@@ -1,7 +1,6 @@
 //! A plugin (one compiled module, one `Linker`, shared by every worker) and its VMs (one
 //! `Store` and instance per worker thread, as Envoy runs one VM per worker).
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,7 +11,8 @@ use crate::abi::Action;
 use crate::error::HostError;
 use crate::shared::{Metrics, SharedData, SharedQueues};
 use crate::state::{
-    CallResponse, Effects, HeaderList, HostState, Phase, Stream, StreamAction, StreamInfo,
+    CallResponse, Effects, HeaderList, HostState, Phase, PluginShared, Stream, StreamAction,
+    StreamInfo,
 };
 
 /// Plugin settings (Envoy's `PluginConfig` and `VmConfig`).
@@ -45,23 +45,6 @@ pub struct SharedStores {
     pub queues: Arc<SharedQueues>,
     /// Filter-defined metrics.
     pub metrics: Arc<Metrics>,
-}
-
-/// Read-only plugin facts every host function may need.
-#[derive(Debug)]
-pub(crate) struct PluginShared {
-    pub(crate) name: String,
-    pub(crate) root_id: String,
-    pub(crate) vm_id: String,
-    /// The current plugin configuration: what a new VM is configured with, and what
-    /// [`Vm::reconfigure`] hands a running one ([`Plugin::set_plugin_config`] replaces it).
-    pub(crate) plugin_config: Mutex<Arc<Vec<u8>>>,
-    pub(crate) vm_config: Vec<u8>,
-    pub(crate) clusters: HashSet<String>,
-    pub(crate) log_level: u32,
-    pub(crate) shared_data: Arc<SharedData>,
-    pub(crate) queues: Arc<SharedQueues>,
-    pub(crate) metrics: Arc<Metrics>,
 }
 
 /// A compiled filter, ready to start VMs. Cheap to share between threads.
@@ -177,19 +160,6 @@ impl Plugin {
     /// The shared data store (for tests and metrics).
     pub fn shared_data(&self) -> &SharedData {
         &self.shared.shared_data
-    }
-}
-
-impl PluginShared {
-    fn current_config_slot(&self) -> std::sync::MutexGuard<'_, Arc<Vec<u8>>> {
-        // A poisoned lock still holds a whole configuration (it is replaced in one assignment).
-        self.plugin_config
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    pub(crate) fn current_config(&self) -> Arc<Vec<u8>> {
-        self.current_config_slot().clone()
     }
 }
 

@@ -1,15 +1,15 @@
 //! What a VM's host functions act on: the streams (contexts) and their headers, the call-out
-//! response being delivered, and the effects a callback leaves for the gateway to carry out.
+//! response being delivered, the effects a callback leaves for the gateway to carry out, and
+//! the plugin's read-only facts ([`PluginShared`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use wasmtime::{Memory, TypedFunc};
 
-use crate::plugin::PluginShared;
-use crate::shared::QueueReady;
+use crate::shared::{Metrics, QueueReady, SharedData, SharedQueues};
 
 /// A header list: lower-case names, raw values, in order, repeats allowed.
 pub type HeaderList = Vec<(String, Vec<u8>)>;
@@ -235,5 +235,35 @@ impl HostState {
 
     pub(crate) fn effective_stream_mut(&mut self) -> Option<&mut Stream> {
         self.streams.get_mut(&self.effective)
+    }
+}
+
+/// Read-only plugin facts every host function may need.
+#[derive(Debug)]
+pub(crate) struct PluginShared {
+    pub(crate) name: String,
+    pub(crate) root_id: String,
+    pub(crate) vm_id: String,
+    /// The current plugin configuration: what a new VM is configured with, and what
+    /// [`Vm::reconfigure`] hands a running one ([`Plugin::set_plugin_config`] replaces it).
+    pub(crate) plugin_config: Mutex<Arc<Vec<u8>>>,
+    pub(crate) vm_config: Vec<u8>,
+    pub(crate) clusters: HashSet<String>,
+    pub(crate) log_level: u32,
+    pub(crate) shared_data: Arc<SharedData>,
+    pub(crate) queues: Arc<SharedQueues>,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+impl PluginShared {
+    pub(crate) fn current_config_slot(&self) -> std::sync::MutexGuard<'_, Arc<Vec<u8>>> {
+        // A poisoned lock still holds a whole configuration (it is replaced in one assignment).
+        self.plugin_config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn current_config(&self) -> Arc<Vec<u8>> {
+        self.current_config_slot().clone()
     }
 }

@@ -55,13 +55,13 @@ pub(crate) fn too_many_header_fields(fields: usize) -> bool {
 }
 
 /// Default `upstream.max_request_body_bytes`.
-pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 32 << 20;
+pub(super) const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 32 << 20;
 
 /// Default `listeners[].request_headers_timeout_ms`.
-pub const DEFAULT_REQUEST_HEADERS_TIMEOUT_MS: u64 = 10_000;
+pub(super) const DEFAULT_REQUEST_HEADERS_TIMEOUT_MS: u64 = 10_000;
 
 /// Default `listeners[].request_timeout_ms`.
-pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 60_000;
+pub(super) const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 60_000;
 
 /// The whole file.
 #[derive(Clone, Debug, Deserialize)]
@@ -436,7 +436,7 @@ fn read_documents(path: &Path, field: &str) -> Result<Vec<serde_json::Value>, Co
 /// Reads Teleport locks as `tctl get locks` writes them from a file, or from every `*.yaml`,
 /// `*.yml` and `*.json` file of a directory (in name order), validated by the filter's rules
 /// ([`azgate_filter::lock::LockSet::parse`]) so errors name the file.
-pub fn read_lock_source(path: &Path) -> Result<Vec<serde_json::Value>, ConfigError> {
+pub(super) fn read_lock_source(path: &Path) -> Result<Vec<serde_json::Value>, ConfigError> {
     let field = format!("filter.lock_files: {}", path.display());
     let files = if path.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)

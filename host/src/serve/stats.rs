@@ -79,7 +79,7 @@ impl WorkerStats {
 }
 
 /// Prometheus text for all workers.
-pub fn render(workers: &[std::sync::Arc<WorkerStats>]) -> String {
+pub(super) fn render(workers: &[std::sync::Arc<WorkerStats>]) -> String {
     let mut requests: BTreeMap<(String, String), u64> = BTreeMap::new();
     let (mut nanos, mut calls, mut restarts, mut upstream, mut in_flight, mut refused) =
         (0, 0, 0, 0, 0, 0);

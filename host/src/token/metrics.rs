@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Counters; cheap to bump from any task.
 #[derive(Debug, Default)]
-pub struct Metrics {
+pub(super) struct Metrics {
     pub(crate) upstream_requests: AtomicU64,
     pub(crate) upstream_fetches: AtomicU64,
     pub(crate) retries: AtomicU64,
