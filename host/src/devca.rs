@@ -636,14 +636,14 @@ fn validity(not_before: SystemTime, not_after: SystemTime) -> Result<Validity, D
 // === roles and identity selection ===
 
 /// Reads Teleport role files the way `azgate serve` reads its `filter.role_files`
-/// ([`crate::serve::read_role_file`], which validates each file with the filter's own rules and
+/// ([`crate::config::teleport::read_role_file`], which validates each file with the filter's own rules and
 /// names it in errors), then the roles of all files together (a name defined in two files), so
 /// the dev CA and the gateway agree on every role.
 pub fn load_roles(paths: &[PathBuf]) -> Result<RoleSet, DevCaError> {
     let mut all = Vec::new();
     for path in paths {
-        let roles =
-            crate::serve::read_role_file(path).map_err(|e| DevCaError::Invalid(e.to_string()))?;
+        let roles = crate::config::teleport::read_role_file(path)
+            .map_err(|e| DevCaError::Invalid(e.to_string()))?;
         if roles.is_empty() {
             return Err(DevCaError::Invalid(format!(
                 "{}: no roles in the file",

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use crate::serve::{
+use crate::config::{
     ConfigError, ListenerConfig, MAX_REQUEST_HEADERS, MAX_REQUEST_HEADERS_BYTES, ServeConfig,
 };
 use crate::token::ListenAddress;
@@ -67,10 +67,6 @@ const WASM_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.http.w
 /// default is 1 s. A reload is one VM clone, so a trap storm costs at most a few clones a
 /// second per worker, while a single trap costs no more than the request it happened in.
 const WASM_RELOAD_BACKOFF: &str = "0.2s";
-
-/// Route timeouts, as `azgate serve` uses them.
-const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
-const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 60_000;
 
 /// Renders the Envoy configuration as YAML, with a header comment.
 pub fn render(config: &ServeConfig, options: &RenderOptions) -> Result<String, ConfigError> {
@@ -111,18 +107,9 @@ pub fn render_filter_resource(
 /// The configuration as a JSON value (what [`render`] writes as YAML).
 pub fn envoy_document(config: &ServeConfig, options: &RenderOptions) -> Result<Value, ConfigError> {
     let upstream_ca = upstream_trusted_ca(config, options)?;
-    let connect_timeout = duration(
-        config
-            .upstream
-            .connect_timeout_ms
-            .unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
-    );
-    let request_timeout = duration(
-        config
-            .upstream
-            .request_timeout_ms
-            .unwrap_or(DEFAULT_REQUEST_TIMEOUT_MS),
-    );
+    // The defaults are `azgate serve`'s: one place says them (`crate::config`).
+    let connect_timeout = seconds(config.upstream.connect_timeout());
+    let request_timeout = seconds(config.upstream.request_timeout());
 
     let mut routes = Vec::new();
     let mut clusters = Vec::new();
@@ -378,7 +365,7 @@ fn envoy_listener(
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
                 "require_client_certificate":
-                    tls.client_certificate == crate::serve::ClientCertificateMode::Required,
+                    tls.client_certificate == crate::config::ClientCertificateMode::Required,
                 "common_tls_context": {
                     "alpn_protocols": ["h2", "http/1.1"],
                     "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
@@ -652,6 +639,11 @@ fn socket_address(address: SocketAddr) -> Value {
 
 fn duration(ms: u64) -> String {
     format!("{}s", ms as f64 / 1000.0)
+}
+
+/// A protobuf `Duration` in Envoy's YAML form.
+fn seconds(duration: std::time::Duration) -> String {
+    format!("{}s", duration.as_secs_f64())
 }
 
 #[cfg(test)]

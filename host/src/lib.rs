@@ -6,6 +6,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod config;
 pub mod devca;
 pub mod envoy_config;
 pub mod serve;

@@ -247,7 +247,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Command::Serve { config } => {
-            let config = azgate::serve::ServeConfig::load(&config)
+            let config = azgate::config::ServeConfig::load(&config)
                 .map_err(|e| format!("invalid configuration: {e}"))?;
             azgate::serve::run(config).await?;
             Ok(())
@@ -259,7 +259,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             system_ca_file,
             watch,
         } => {
-            let config = azgate::serve::ServeConfig::load(&path)
+            let config = azgate::config::ServeConfig::load(&path)
                 .map_err(|e| format!("invalid configuration: {e}"))?;
             // With policy files and a file to write, the filter's configuration goes to a
             // resource Envoy watches (ECDS), so policy changes apply without a restart.
@@ -357,11 +357,11 @@ fn replace_file(path: &std::path::Path, text: &str) -> Result<(), String> {
 /// ([`PolicyWatch`]) and moves the filter resource of a changed policy into place; a refused
 /// or unreadable policy keeps the resource in force (and is logged once).
 fn watch_policy(
-    config: &azgate::serve::ServeConfig,
+    config: &azgate::config::ServeConfig,
     resource_path: &std::path::Path,
     current: Vec<u8>,
 ) {
-    use azgate::serve::policy::{POLL_INTERVAL, PolicyChange, PolicyWatch};
+    use azgate::config::policy::{POLL_INTERVAL, PolicyChange, PolicyWatch};
     tracing::info!(resource = %resource_path.display(), "watching the policy files");
     let mut policy = PolicyWatch::new(current);
     loop {

@@ -5,10 +5,9 @@
 //! accept on it in turn. Call-outs to `token_service` clusters are answered in-process by the
 //! token module. SIGTERM/SIGINT stop accepting and drain in-flight requests.
 
-mod config;
 mod error;
 mod http1_guard;
-pub mod policy;
+mod policy;
 mod proxy;
 mod stats;
 mod tls;
@@ -26,13 +25,10 @@ use bytes::Bytes;
 use http::{Request, Response};
 use tokio::sync::watch;
 
-pub use config::{
-    ClientCertificateMode, ConfigError, ListenerConfig, MAX_REQUEST_HEADERS,
-    MAX_REQUEST_HEADERS_BYTES, ServeConfig, read_role_file,
-};
 pub use error::ServeError;
 pub use stats::WorkerStats;
 
+use crate::config::{self, ServeConfig};
 use crate::token::{HyperClient, TokenService};
 use azgate_msi::server::shutdown_signal;
 
@@ -282,13 +278,11 @@ fn run_worker(
         let client = upstream::azure_client(
             &upstream_config.extra_ca,
             &upstream_config.resolve,
-            Duration::from_millis(upstream_config.connect_timeout_ms.unwrap_or(5_000)),
+            upstream_config.connect_timeout(),
         )?;
         let forwarding = Rc::new(proxy::Forwarding {
             client,
-            request_timeout: Duration::from_millis(
-                upstream_config.request_timeout_ms.unwrap_or(60_000),
-            ),
+            request_timeout: upstream_config.request_timeout(),
             max_request_body_bytes: usize::try_from(upstream_config.max_request_body_bytes())
                 .unwrap_or(usize::MAX),
         });

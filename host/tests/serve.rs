@@ -14,7 +14,9 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use azgate::serve::{ServeConfig, read_role_file, start};
+use azgate::config::ServeConfig;
+use azgate::config::teleport::read_role_file;
+use azgate::serve::start;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
@@ -317,6 +319,39 @@ fn role_files_load_as_tctl_writes_them() {
     let all = ["access", "editor", "auditor"].map(String::from);
     assert_eq!(roles.allowed_identities(&all, &alice).len(), 1);
     assert!(roles.allowed_identities(&all[1..], &alice).is_empty());
+
+    // The same roles inline in `filter.config.roles` and from a role file make the same plugin
+    // configuration, which the filter accepts: a v8 role and `tctl`'s JSON array included.
+    let dir = temp_dir("role-inline-and-file");
+    let v8 = serde_json::json!({
+        "kind": "role", "version": "v8", "metadata": {"name": "azure-v8"},
+        "spec": {"allow": {"app_labels": {"*": "*"}, "azure_identities": ["{{internal.azure_identities}}"]}}
+    });
+    let mut all = json.clone();
+    all.push(v8);
+    std::fs::write(dir.join("roles.json"), serde_json::to_string(&all).unwrap()).unwrap();
+    let listener = "listeners: [{address: '127.0.0.1:0', plaintext_behind_trusted_front: true}]\n";
+    let from_file = ServeConfig::load(&write_config(
+        &dir,
+        &format!("{listener}filter:\n  path: x.wasm\n  role_files: [roles.json]\n"),
+    ))
+    .expect("role file config");
+    let inline = ServeConfig::load(&write_config(
+        &dir,
+        &format!(
+            "{listener}filter:\n  path: x.wasm\n  config: {{roles: {}}}\n",
+            serde_json::to_string(&all).unwrap()
+        ),
+    ))
+    .expect("inline config");
+    let (file_bytes, inline_bytes) = (
+        from_file.plugin_config().unwrap(),
+        inline.plugin_config().unwrap(),
+    );
+    assert_eq!(file_bytes, inline_bytes);
+    let parsed = azgate_filter::config::Config::parse(&file_bytes).expect("the filter accepts it");
+    assert_eq!(parsed.roles.len(), 4);
+    let _ = std::fs::remove_dir_all(dir);
 
     let dir = temp_dir("role-versions");
     for (i, (text, ok)) in [

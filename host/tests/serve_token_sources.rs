@@ -13,7 +13,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use azgate::serve::{ServeConfig, start};
+use azgate::config::ServeConfig;
+use azgate::serve::start;
 use azgate_emulator::{Emulator, TENANT_ID};
 use base64::Engine as _;
 use bytes::Bytes;

@@ -27,7 +27,7 @@ pub enum ServeError {
     /// The header block is over [`MAX_REQUEST_HEADERS_BYTES`] or [`MAX_REQUEST_HEADERS`] fields.
     /// 431 `RequestHeaderFieldsTooLarge`.
     ///
-    /// [`MAX_REQUEST_HEADERS_BYTES`]: super::MAX_REQUEST_HEADERS_BYTES
+    /// [`MAX_REQUEST_HEADERS_BYTES`]: crate::config::MAX_REQUEST_HEADERS_BYTES
     /// [`MAX_REQUEST_HEADERS`]: super::MAX_REQUEST_HEADERS
     RequestHeaderFieldsTooLarge,
     /// The whole request did not arrive within `listeners[].request_timeout_ms` (or its
@@ -110,8 +110,8 @@ impl fmt::Display for ServeError {
             Self::RequestHeaderFieldsTooLarge => write!(
                 f,
                 "the request header block is too large (at most {} bytes and {} fields)",
-                super::MAX_REQUEST_HEADERS_BYTES,
-                super::MAX_REQUEST_HEADERS - 1
+                crate::config::MAX_REQUEST_HEADERS_BYTES,
+                crate::config::MAX_REQUEST_HEADERS - 1
             ),
             Self::RequestTimeout => write!(f, "the request was not received in time"),
             Self::InvalidUpstreamRequest(e) => write!(f, "cannot forward the request: {e}"),

@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::config::{MAX_REQUEST_HEADERS_BYTES, too_many_header_fields};
 use super::error::ServeError;
+use crate::config::{MAX_REQUEST_HEADERS_BYTES, too_many_header_fields};
 
 /// What hyper parses in place of a refused head; the handler answers it from [`Verdicts`].
 const STAND_IN: &[u8] = b"GET / HTTP/1.1\r\nhost: azgate.invalid\r\nconnection: close\r\n\r\n";

@@ -20,12 +20,12 @@ use tokio_rustls::TlsAcceptor;
 
 use azgate_wasmhost::{HeaderList, HostError, LocalResponse, StreamInfo};
 
-use super::config::{MAX_REQUEST_HEADERS_BYTES, too_many_header_fields};
 use super::error::ServeError;
 use super::http1_guard::{Http1Guard, Verdicts};
 use super::tls::{self, PeerCertificate};
 use super::upstream::{AzureClient, BoxError};
 use super::worker::{Outcome, Pending, Worker};
+use crate::config::{MAX_REQUEST_HEADERS_BYTES, too_many_header_fields};
 
 /// Body of every response the gateway sends.
 pub(crate) type ResponseBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;

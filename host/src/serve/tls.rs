@@ -14,8 +14,8 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use x509_cert::der::Decode;
 
-use super::config::{ClientCertificateMode, TlsConfig};
 use super::error::ServeError;
+use crate::config::{ClientCertificateMode, TlsConfig};
 
 /// Reads every certificate of a PEM file.
 pub(crate) fn read_certs(

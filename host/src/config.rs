@@ -1,5 +1,13 @@
-//! `azgate.yaml`: what `azgate serve` runs. Parsed strictly (unknown fields are errors) and
-//! validated up front; every error names the field.
+//! `azgate.yaml`, the one configuration of every product: what `azgate serve` runs, what
+//! `azgate envoy-config` renders, the role files the dev CA issues from. Parsed strictly
+//! (unknown fields are errors) and validated up front; every error names the field.
+//!
+//! - [`teleport`]: Teleport role and lock files as `tctl` writes them, checked by the filter's
+//!   own rules (one rule set for inline roles and files);
+//! - [`policy`]: the rule both policy watchers follow (`azgate serve`, `envoy-config --watch`).
+
+pub mod policy;
+pub mod teleport;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -36,7 +44,7 @@ impl ConfigError {
     }
 }
 
-fn error(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+pub(crate) fn error(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::new(field, message)
 }
 
@@ -54,14 +62,20 @@ pub(crate) fn too_many_header_fields(fields: usize) -> bool {
     fields + 4 >= MAX_REQUEST_HEADERS
 }
 
+/// Default `upstream.connect_timeout_ms`.
+pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS: u64 = 5_000;
+
+/// Default `upstream.request_timeout_ms`.
+pub const DEFAULT_UPSTREAM_REQUEST_TIMEOUT_MS: u64 = 60_000;
+
 /// Default `upstream.max_request_body_bytes`.
-pub(super) const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 32 << 20;
+pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 32 << 20;
 
 /// Default `listeners[].request_headers_timeout_ms`.
-pub(super) const DEFAULT_REQUEST_HEADERS_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_REQUEST_HEADERS_TIMEOUT_MS: u64 = 10_000;
 
 /// Default `listeners[].request_timeout_ms`.
-pub(super) const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 60_000;
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 60_000;
 
 /// The whole file.
 #[derive(Clone, Debug, Deserialize)]
@@ -244,6 +258,22 @@ pub struct UpstreamConfig {
 }
 
 impl UpstreamConfig {
+    /// `connect_timeout_ms` or its default.
+    pub fn connect_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.connect_timeout_ms
+                .unwrap_or(DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS),
+        )
+    }
+
+    /// `request_timeout_ms` or its default.
+    pub fn request_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.request_timeout_ms
+                .unwrap_or(DEFAULT_UPSTREAM_REQUEST_TIMEOUT_MS),
+        )
+    }
+
     /// `max_request_body_bytes` or its default.
     pub fn max_request_body_bytes(&self) -> u64 {
         self.max_request_body_bytes
@@ -399,10 +429,10 @@ impl ServeConfig {
             Ok(())
         };
         for file in &self.filter.role_files {
-            append("roles", read_role_file(file)?)?;
+            append("roles", teleport::read_role_file(file)?)?;
         }
         for source in &self.filter.lock_files {
-            append("locks", read_lock_source(source)?)?;
+            append("locks", teleport::read_lock_source(source)?)?;
         }
         serde_json::to_vec(&config).map_err(|e| error("filter.config", e.to_string()))
     }
@@ -413,63 +443,4 @@ impl ServeConfig {
         sources.extend(self.filter.lock_files.iter().cloned());
         sources
     }
-}
-
-/// The documents of a `tctl` YAML or JSON file: `---`-separated documents, a JSON array's
-/// elements, or one object.
-fn read_documents(path: &Path, field: &str) -> Result<Vec<serde_json::Value>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| error(field, e.to_string()))?;
-    let mut values = Vec::new();
-    // JSON is YAML, so one parser reads both.
-    for document in serde_yaml::Deserializer::from_str(&text) {
-        let value: serde_json::Value =
-            serde_json::Value::deserialize(document).map_err(|e| error(field, e.to_string()))?;
-        match value {
-            serde_json::Value::Null => {}
-            serde_json::Value::Array(list) => values.extend(list),
-            other => values.push(other),
-        }
-    }
-    Ok(values)
-}
-
-/// Reads Teleport locks as `tctl get locks` writes them from a file, or from every `*.yaml`,
-/// `*.yml` and `*.json` file of a directory (in name order), validated by the filter's rules
-/// ([`azgate_filter::lock::LockSet::parse`]) so errors name the file.
-pub(super) fn read_lock_source(path: &Path) -> Result<Vec<serde_json::Value>, ConfigError> {
-    let field = format!("filter.lock_files: {}", path.display());
-    let files = if path.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| error(&field, e.to_string()))?
-            .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.extension()
-                    .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
-            })
-            .collect();
-        files.sort();
-        files
-    } else {
-        vec![path.to_path_buf()]
-    };
-    let mut locks = Vec::new();
-    for file in files {
-        let field = format!("filter.lock_files: {}", file.display());
-        let values = read_documents(&file, &field)?;
-        azgate_filter::lock::LockSet::parse(values.clone())
-            .map_err(|(at, message)| error(&field, format!("{at}: {message}")))?;
-        locks.extend(values);
-    }
-    Ok(locks)
-}
-
-/// Reads a Teleport role file as `tctl` writes it: YAML (`tctl get roles`, documents separated
-/// by `---`) or JSON (`tctl get roles --format=json`: an array, or one object). Each role is
-/// validated by the filter's own rules ([`azgate_filter::config::parse_roles`]: kind, versions
-/// v3–v8, identities and templates), so errors name this file.
-pub fn read_role_file(path: &Path) -> Result<Vec<serde_json::Value>, ConfigError> {
-    let field = format!("filter.role_files: {}", path.display());
-    let roles = read_documents(path, &field)?;
-    azgate_filter::config::parse_roles(roles.clone()).map_err(|e| error(&field, e.to_string()))?;
-    Ok(roles)
 }
