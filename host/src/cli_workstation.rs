@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use azgate::devca::{self, AppCertificate, AppKey, CertificateAuthority, DevCaError, KeyKind};
+use azgate::pki::{self, AppCertificate, AppKey, CertificateAuthority, KeyKind, PkiError};
 use azgate::workstation::az::{self, StateDir};
 use azgate::workstation::proxy::DEFAULT_LISTEN;
 use azgate::workstation::{EndpointSecret, LocalProxy, ProxyConfig, WorkstationError};
@@ -25,7 +25,7 @@ pub enum CaCommand {
         #[arg(long, default_value = "azgate dev CA")]
         name: String,
         /// CA lifetime, e.g. 8760h or 365d.
-        #[arg(long, default_value = "365d", value_parser = devca::parse_duration)]
+        #[arg(long, default_value = "365d", value_parser = pki::parse_duration)]
         ttl: Duration,
     },
     /// Issue a Teleport-format app certificate (CN = user, O = roles, OIDs 1.3.9999.1.16/.17)
@@ -43,7 +43,7 @@ pub enum CaCommand {
         #[arg(long = "ip")]
         ip_addresses: Vec<IpAddr>,
         /// Lifetime.
-        #[arg(long, default_value = "30d", value_parser = devca::parse_duration)]
+        #[arg(long, default_value = "30d", value_parser = pki::parse_duration)]
         ttl: Duration,
         /// Output prefix: writes PREFIX.crt and PREFIX.key [default: ./<first DNS name>].
         #[arg(long)]
@@ -80,7 +80,7 @@ pub struct IssueArgs {
     #[arg(long)]
     azure_identity: Option<String>,
     /// Certificate lifetime, e.g. 12h, 30m, 1h30m.
-    #[arg(long, default_value = "12h", value_parser = devca::parse_duration)]
+    #[arg(long, default_value = "12h", value_parser = pki::parse_duration)]
     ttl: Duration,
     /// Key type: ecdsa (P-256) or rsa (2048).
     #[arg(long, default_value = "ecdsa")]
@@ -157,9 +157,9 @@ fn ca_dir(dir: Option<PathBuf>) -> Result<PathBuf, WorkstationError> {
     }
 }
 
-fn read(path: &Path, what: &str) -> Result<String, DevCaError> {
+fn read(path: &Path, what: &str) -> Result<String, PkiError> {
     std::fs::read_to_string(path)
-        .map_err(|e| DevCaError::Invalid(format!("{what} {}: {e}", path.display())))
+        .map_err(|e| PkiError::Invalid(format!("{what} {}: {e}", path.display())))
 }
 
 /// `azgate ca ...`
@@ -169,12 +169,9 @@ pub fn ca(command: CaCommand) -> CliResult<()> {
             let dir = ca_dir(dir)?;
             let ca = CertificateAuthority::generate(&name, ttl)?;
             ca.save(&dir)?;
-            devca::create_private_dir(&dir.join("roles"))?;
-            println!(
-                "CA certificate: {}",
-                dir.join(devca::CA_CERT_FILE).display()
-            );
-            println!("CA key:         {}", dir.join(devca::CA_KEY_FILE).display());
+            pki::create_private_dir(&dir.join("roles"))?;
+            println!("CA certificate: {}", dir.join(pki::CA_CERT_FILE).display());
+            println!("CA key:         {}", dir.join(pki::CA_KEY_FILE).display());
             println!("role files:     {}/", dir.join("roles").display());
             Ok(())
         }
@@ -208,24 +205,24 @@ pub fn ca(command: CaCommand) -> CliResult<()> {
 fn checked_not_after(
     ca: &CertificateAuthority,
     not_after: SystemTime,
-) -> Result<SystemTime, DevCaError> {
+) -> Result<SystemTime, PkiError> {
     if not_after > ca.not_after() {
-        return Err(DevCaError::Invalid(
+        return Err(PkiError::Invalid(
             "--ttl reaches past the CA's own expiry; shorten it or create a new CA".into(),
         ));
     }
     Ok(not_after)
 }
 
-fn write_pair(prefix: &Path, cert: &str, key: &AppKey) -> Result<(), DevCaError> {
+fn write_pair(prefix: &Path, cert: &str, key: &AppKey) -> Result<(), PkiError> {
     let with = |ext: &str| {
         let mut name = prefix.as_os_str().to_owned();
         name.push(ext);
         PathBuf::from(name)
     };
     let (cert_path, key_path) = (with(".crt"), with(".key"));
-    devca::write_file(&cert_path, cert, false)?;
-    devca::write_file(&key_path, &key.to_pem()?, true)?;
+    pki::write_file(&cert_path, cert, false)?;
+    pki::write_file(&key_path, &key.to_pem()?, true)?;
     println!("certificate: {}", cert_path.display());
     println!("key:         {}", key_path.display());
     Ok(())
@@ -240,27 +237,27 @@ fn issue(args: IssueArgs) -> CliResult<()> {
         args.role_files
     };
     if role_files.is_empty() {
-        return Err(DevCaError::Invalid(format!(
+        return Err(PkiError::Invalid(format!(
             "no role files: pass --role-file or put Teleport roles in {}/",
             dir.join("roles").display()
         ))
         .into());
     }
-    let roles = devca::load_roles(&role_files)?;
+    let roles = pki::load_roles(&role_files)?;
     let user_roles: Vec<String> = args
         .roles
         .iter()
         .map(|r| r.trim().to_owned())
         .filter(|r| !r.is_empty())
         .collect();
-    let mut traits = devca::Traits::new();
+    let mut traits = pki::Traits::new();
     for (name, value) in args.traits {
         traits.entry(name).or_default().push(value);
     }
-    let allowed = devca::allowed_identities(&roles, &user_roles, &traits)?;
-    let selected = devca::select_identity(&allowed, args.azure_identity.as_deref())?;
+    let allowed = pki::allowed_identities(&roles, &user_roles, &traits)?;
+    let selected = pki::select_identity(&allowed, args.azure_identity.as_deref())?;
     if args.user.trim().is_empty() {
-        return Err(DevCaError::Invalid("--user must not be empty".into()).into());
+        return Err(PkiError::Invalid("--user must not be empty".into()).into());
     }
     let key = AppKey::generate(args.key_type)?;
     let now = SystemTime::now();
@@ -270,7 +267,7 @@ fn issue(args: IssueArgs) -> CliResult<()> {
         selected_identity: Some(selected.clone()),
         allowed_identities: allowed,
         traits,
-        usage: vec![devca::USAGE_APPS.into()],
+        usage: vec![pki::USAGE_APPS.into()],
         app_name: Some(args.app),
         app_cluster: Some(args.cluster),
         not_before: now - Duration::from_secs(60),
@@ -295,11 +292,11 @@ fn parse_trait(text: &str) -> Result<(String, String), String> {
     }
 }
 
-fn role_files_in(dir: &Path) -> Result<Vec<PathBuf>, DevCaError> {
+fn role_files_in(dir: &Path) -> Result<Vec<PathBuf>, PkiError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(DevCaError::Io(dir.to_owned(), e)),
+        Err(e) => return Err(PkiError::Io(dir.to_owned(), e)),
     };
     let mut files: Vec<PathBuf> = entries
         .filter_map(Result::ok)
@@ -328,7 +325,7 @@ fn human_duration(duration: Duration) -> String {
 pub fn identities(args: IdentitiesArgs) -> CliResult<()> {
     let pem = read(&args.cert, "--cert")?;
     let identity = azgate_filter::identity::parse_app_certificate(&pem)
-        .map_err(|refusal| DevCaError::Invalid(format!("--cert: {}", refusal.message())))?;
+        .map_err(|refusal| PkiError::Invalid(format!("--cert: {}", refusal.message())))?;
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -383,7 +380,7 @@ async fn start_proxy(
     }
     let cert_pem = read(&args.cert, "--cert")?;
     let key = AppKey::from_pem(&read(&args.key, "--key")?)
-        .map_err(|e| DevCaError::Invalid(format!("--key {}: {e}", args.key.display())))?;
+        .map_err(|e| PkiError::Invalid(format!("--key {}: {e}", args.key.display())))?;
     let gateway_ca_pem = read(&args.ca, "--ca")?;
     // The user's own proxy carries the non-Azure traffic, as it would without azgate.
     let user_proxy = ["https_proxy", "HTTPS_PROXY"]
@@ -421,7 +418,7 @@ async fn start_proxy(
         Some(dir) => dir.clone(),
         None => az::default_config_dir(&args.gateway, proxy.identity())?,
     };
-    devca::create_private_dir(&config_dir)?;
+    pki::create_private_dir(&config_dir)?;
     let variables = az::environment(&proxy, &config_dir, &bundle);
     Ok((proxy, state, variables))
 }

@@ -7,8 +7,8 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod config;
-pub mod devca;
 pub mod envoy_config;
+pub mod pki;
 pub mod serve;
 pub mod token;
 pub mod workstation;

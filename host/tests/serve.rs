@@ -440,7 +440,7 @@ const PASS_THROUGH: &str = r#"(module
 
 /// A TLS upstream for `name` that answers each request 200 "slow" after `delay`.
 async fn slow_upstream(dir: &std::path::Path, name: &str, delay: Duration) -> SocketAddr {
-    use azgate::devca::{AppKey, CertificateAuthority, KeyKind};
+    use azgate::pki::{AppKey, CertificateAuthority, KeyKind};
     use rustls::pki_types::pem::PemObject;
 
     let ca = CertificateAuthority::generate("drain test CA", Duration::from_secs(3600)).unwrap();

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
-use azgate::devca::{AppCertificate, CertificateAuthority};
+use azgate::pki::{AppCertificate, CertificateAuthority};
 use p256::ecdsa::signature::Signer;
 use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
@@ -70,10 +70,10 @@ pub enum Issuer {
     Intermediate,
     /// A leaf certificate of the test CA (CA:false) used as an issuer; sent as [leaf, issuer].
     Leaf,
-    /// `azgate ca server`'s own code (devca `issue_server`): subject CN = the first DNS name,
-    /// the DNS SANs, devca's extensions. Subject fields of the spec are ignored.
+    /// `azgate ca server`'s own code (`pki` `issue_server`): subject CN = the first DNS name,
+    /// the DNS SANs, the dev CA's extensions. Subject fields of the spec are ignored.
     DevcaServer,
-    /// `azgate ca issue`'s own code (devca `issue_app`) with the spec's CN, O and identities.
+    /// `azgate ca issue`'s own code (`pki` `issue_app`) with the spec's CN, O and identities.
     DevcaApp,
 }
 
@@ -101,7 +101,7 @@ pub struct Attr(pub Vec<String>);
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum StringType {
-    /// PrintableString where the value allows it, else UTF8String (what Go and devca write).
+    /// PrintableString where the value allows it, else UTF8String (what Go and the dev CA write).
     #[default]
     Auto,
     /// UTF8String, whatever the bytes (so invalid UTF-8 can be sent).
@@ -548,7 +548,7 @@ impl HostilePki {
                         at(spec.not_before_s),
                         at(spec.not_after_s),
                     )
-                    .map_err(|e| anyhow!("devca server certificate: {e}"))?;
+                    .map_err(|e| anyhow!("dev CA server certificate: {e}"))?;
                 Certificate::from_pem(pem.as_bytes())?.to_der()?
             }
             Issuer::DevcaApp => {
@@ -565,7 +565,7 @@ impl HostilePki {
                                 .map(|i| self.identity(i))
                                 .collect(),
                             traits: Default::default(),
-                            usage: vec![azgate::devca::USAGE_APPS.into()],
+                            usage: vec![azgate::pki::USAGE_APPS.into()],
                             app_name: Some("azure-cli".into()),
                             app_cluster: Some("azgate-tests".into()),
                             not_before: at(spec.not_before_s),
@@ -573,7 +573,7 @@ impl HostilePki {
                         },
                         SubjectPublicKeyInfoOwned::from_der(&spki_der)?,
                     )
-                    .map_err(|e| anyhow!("devca app certificate: {e}"))?;
+                    .map_err(|e| anyhow!("dev CA app certificate: {e}"))?;
                 Certificate::from_pem(pem.as_bytes())?.to_der()?
             }
             issuer => {

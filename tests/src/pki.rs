@@ -2,7 +2,7 @@
 //! gateway and the fake Azure upstream, and Teleport-format app certificates (CN = user, one O
 //! per role, Subject OIDs 1.3.9999.1.16 and .17) with ECDSA P-256, P-384 or RSA keys.
 //!
-//! Certificates are built and signed by `azgate::devca` (what `azgate ca` uses); this module adds
+//! Certificates are built and signed by `azgate::pki` (what `azgate ca` uses); this module adds
 //! the test-only key kinds (P-384, which azgate refuses), app certificates with other extended
 //! key usages than Teleport's ([`Eku`]) and the offsets-from-now interface.
 
@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Result;
-use azgate::devca::{AppCertificate, CertificateAuthority, EKU_CLIENT_AUTH, EKU_SERVER_AUTH};
+use azgate::pki::{AppCertificate, CertificateAuthority, EKU_CLIENT_AUTH, EKU_SERVER_AUTH};
 use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
 use rand_core::OsRng;
 use x509_cert::der::Decode;
@@ -110,7 +110,7 @@ pub struct AppCertSpec {
     /// OID 1.3.9999.1.17 attributes.
     pub allowed_identities: Vec<String>,
     /// The user's traits (PostalCode JSON).
-    pub traits: azgate::devca::Traits,
+    pub traits: azgate::pki::Traits,
     /// NotBefore offset from now (negative = past), seconds.
     pub not_before_offset_s: i64,
     /// NotAfter offset from now, seconds.
@@ -167,7 +167,7 @@ impl Eku {
     }
 }
 
-/// The test certificate authority: `azgate::devca`'s CA (ECDSA P-256), valid for a day.
+/// The test certificate authority: `azgate::pki`'s CA (ECDSA P-256), valid for a day.
 pub struct TestCa {
     ca: CertificateAuthority,
     /// The CA certificate, PEM.
@@ -219,7 +219,7 @@ impl TestCa {
                 selected_identity: spec.selected_identity.clone(),
                 allowed_identities: spec.allowed_identities.clone(),
                 traits: spec.traits.clone(),
-                usage: vec![azgate::devca::USAGE_APPS.into()],
+                usage: vec![azgate::pki::USAGE_APPS.into()],
                 app_name: Some("azure-cli".into()),
                 app_cluster: Some("azgate-tests".into()),
                 not_before: at(spec.not_before_offset_s),

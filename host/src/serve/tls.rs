@@ -273,7 +273,7 @@ mod tests {
     use x509_cert::der::{DecodePem, Encode};
 
     use super::*;
-    use crate::devca::{AppKey, CertificateAuthority, KeyKind};
+    use crate::pki::{AppKey, CertificateAuthority, KeyKind};
 
     /// A certificate whose SANs carry XFCC syntax writes only `Hash` and `Cert`: one `Cert`
     /// key, the hash of this certificate, and the PEM of this certificate.

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use super::WorkstationError;
 use super::proxy::LocalProxy;
 use super::token_endpoint::{IDENTITY_HOST, MSI_HOST};
-use crate::devca::{create_private_dir, write_file};
+use crate::pki::{create_private_dir, write_file};
 
 /// Variables removed from `az`'s environment: each would send `az` elsewhere (a user proxy
 /// bypassing ours, another managed-identity source that MSAL prefers or that changes the

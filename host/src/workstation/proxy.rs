@@ -31,7 +31,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::WorkstationError;
 use super::token_endpoint::{EndpointSecret, TokenEndpoint};
-use crate::devca::{AppKey, CertificateAuthority, KeyKind};
+use crate::pki::{AppKey, CertificateAuthority, KeyKind};
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 

@@ -23,7 +23,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
 
-use crate::devca::AppKey;
+use crate::pki::AppKey;
 
 /// Host of the MSI-style endpoint. `.invalid` never resolves, so a request that bypasses the
 /// proxy fails instead of leaving the machine.
@@ -258,7 +258,7 @@ impl TokenEndpoint {
     }
 
     /// `{"alg": ES256|RS256, "typ": "JWT"}` . `{"resource", "tid"}`, signed with the key.
-    fn jwt(&self, resource: &str) -> Result<String, crate::devca::DevCaError> {
+    fn jwt(&self, resource: &str) -> Result<String, crate::pki::PkiError> {
         let header = serde_json::json!({"alg": self.key.jwt_alg(), "typ": "JWT"});
         let claims = serde_json::json!({"resource": resource, "tid": random_uuid()});
         let signed = format!(
@@ -300,7 +300,7 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
 
     use super::*;
-    use crate::devca::KeyKind;
+    use crate::pki::KeyKind;
 
     const ID: &str = "/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/reader";
 
