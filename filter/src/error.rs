@@ -186,11 +186,16 @@ impl Refusal {
 
     /// The Azure-style JSON body of the local response.
     pub fn body(&self) -> String {
-        serde_json::json!({
-            "error": { "code": self.code(), "message": format!("azgate: {}", self.message()) }
-        })
-        .to_string()
+        azure_error_body(self.code(), self.message())
     }
+}
+
+/// The body of every error azgate answers itself, in the filter and in the host alike:
+/// Azure's `{"error": {"code", "message"}}`, the message prefixed `azgate: ` so a user can tell
+/// azgate's answers from Azure's.
+pub fn azure_error_body(code: &str, message: &str) -> String {
+    serde_json::json!({"error": {"code": code, "message": format!("azgate: {message}")}})
+        .to_string()
 }
 
 impl fmt::Display for Refusal {

@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod envoy_config;
+mod hop_by_hop;
 pub mod pki;
 pub mod serve;
 pub mod token;

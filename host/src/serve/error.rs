@@ -87,11 +87,11 @@ impl ServeError {
         let message = match self {
             // The detail of a trap or a config problem goes to the log, not to the client.
             Self::Filter(_) => {
-                "azgate: the request filter failed; the request was not forwarded".to_string()
+                "the request filter failed; the request was not forwarded".to_string()
             }
-            other => format!("azgate: {other}"),
+            other => other.to_string(),
         };
-        serde_json::json!({"error": {"code": self.code(), "message": message}}).to_string()
+        azgate_filter::error::azure_error_body(self.code(), &message)
     }
 }
 

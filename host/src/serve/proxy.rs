@@ -26,6 +26,7 @@ use super::tls::{self, PeerCertificate};
 use super::upstream::{AzureClient, BoxError};
 use super::worker::{Outcome, Pending, Worker};
 use crate::config::{MAX_REQUEST_HEADERS_BYTES, too_many_header_fields};
+use crate::hop_by_hop;
 
 /// Body of every response the gateway sends.
 pub(crate) type ResponseBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
@@ -457,20 +458,6 @@ fn request_headers(request: &Request<Incoming>, connection: &Connection) -> Head
     headers
 }
 
-/// Headers that describe one hop and are never forwarded.
-fn hop_by_hop(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "transfer-encoding"
-            | "upgrade"
-            | "te"
-            | "host"
-    )
-}
-
 async fn forward(
     worker: &Rc<Worker>,
     forwarding: &Forwarding,
@@ -511,7 +498,8 @@ async fn forward(
         .uri(format!("https://{authority}{path}"));
     for (name, value) in headers
         .iter()
-        .filter(|(k, _)| !k.starts_with(':') && !hop_by_hop(k))
+        // `host` too: the target is the `:authority` the filter set.
+        .filter(|(k, _)| !k.starts_with(':') && k != "host" && !hop_by_hop::is_hop_by_hop(k))
     {
         builder = builder.header(name.as_str(), value.as_slice());
     }
@@ -569,15 +557,7 @@ async fn forward(
         }
         parts.headers = headers;
     }
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        parts.headers.remove(name);
-    }
+    hop_by_hop::strip(&mut parts.headers);
     Ok(Response::from_parts(
         parts,
         body.map_err(BoxError::from).boxed(),

@@ -31,24 +31,13 @@ use tokio_rustls::TlsAcceptor;
 
 use super::WorkstationError;
 use super::token_endpoint::{EndpointSecret, TokenEndpoint};
+use crate::hop_by_hop::strip as strip_hop_by_hop;
 use crate::pki::{AppKey, CertificateAuthority, KeyKind};
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 /// Largest token request body (a form with `resource=`).
 const MAX_TOKEN_REQUEST_BODY: usize = 16 * 1024;
-/// Hop-by-hop headers, never forwarded.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// How to start the local proxy.
 #[derive(Debug)]
@@ -529,25 +518,6 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     message
 }
 
-fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    // Headers named in `Connection` are hop-by-hop too.
-    let named: Vec<String> = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|v| v.trim().to_ascii_lowercase())
-        .filter(|v| !v.is_empty())
-        .collect();
-    for name in HOP_BY_HOP
-        .iter()
-        .copied()
-        .chain(named.iter().map(String::as_str))
-    {
-        headers.remove(name);
-    }
-}
-
 /// Opens a TCP stream to `target`, directly or through an HTTP proxy (`http://host:port`).
 async fn open_tunnel(
     target: &str,
@@ -632,9 +602,8 @@ fn json_response(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
 
 /// An Azure-style error answered by the proxy itself.
 fn error_response(status: StatusCode, code: &str, message: &str) -> Response<ProxyBody> {
-    let body =
-        serde_json::json!({"error": {"code": code, "message": format!("azgate: {message}")}});
-    json_response(status, Bytes::from(body.to_string()))
+    let body = azgate_filter::error::azure_error_body(code, message);
+    json_response(status, Bytes::from(body))
 }
 
 /// The loopback address the proxy listens on by default.

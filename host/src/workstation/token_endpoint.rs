@@ -127,10 +127,7 @@ impl TokenEndpoint {
             },
             Err((status, code, message)) => LocalAnswer {
                 status,
-                body: Bytes::from(
-                    serde_json::json!({"error": {"code": code, "message": format!("azgate: {message}")}})
-                        .to_string(),
-                ),
+                body: Bytes::from(azgate_filter::error::azure_error_body(code, &message)),
             },
         }
     }
