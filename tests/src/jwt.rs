@@ -11,7 +11,14 @@ use crate::pki::PrivateKey;
 
 /// Signs `claims` with `key` under the header's `alg`, whatever it says (so tests can lie).
 /// `alg: none` produces an empty signature.
+///
+/// The JWT tsh would send (the key's own algorithm) is signed by `jsonwebtoken`; the forged
+/// ones (`none`, or an algorithm that is not the key's) are assembled here, because
+/// `jsonwebtoken` refuses to make them.
 pub fn sign(key: &PrivateKey, alg: &str, claims: &serde_json::Value) -> Result<String> {
+    if alg == alg_for(key) {
+        return sign_honestly(key, claims);
+    }
     let header = serde_json::json!({"alg": alg, "typ": "JWT"});
     let signed = format!(
         "{}.{}",
@@ -37,6 +44,31 @@ pub fn sign(key: &PrivateKey, alg: &str, claims: &serde_json::Value) -> Result<S
         }
     };
     Ok(format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature)))
+}
+
+/// `claims` signed with `key` as tsh signs: `typ: JWT` and the key's own algorithm.
+fn sign_honestly(key: &PrivateKey, claims: &serde_json::Value) -> Result<String> {
+    use p256::pkcs8::EncodePrivateKey as _;
+    use rsa::pkcs1::EncodeRsaPrivateKey as _;
+    let (algorithm, encoding) = match key {
+        PrivateKey::P256(k) => (
+            jsonwebtoken::Algorithm::ES256,
+            jsonwebtoken::EncodingKey::from_ec_der(k.to_pkcs8_der()?.as_bytes()),
+        ),
+        PrivateKey::P384(k) => (
+            jsonwebtoken::Algorithm::ES384,
+            jsonwebtoken::EncodingKey::from_ec_der(k.to_pkcs8_der()?.as_bytes()),
+        ),
+        PrivateKey::Rsa(k) => (
+            jsonwebtoken::Algorithm::RS256,
+            jsonwebtoken::EncodingKey::from_rsa_der(k.to_pkcs1_der()?.as_bytes()),
+        ),
+    };
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(algorithm),
+        claims,
+        &encoding,
+    )?)
 }
 
 /// The algorithm tsh uses for a key.

@@ -6,7 +6,6 @@ use std::str::FromStr;
 use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey, LineEnding};
 use rand_core::OsRng;
 use rsa::pkcs1::DecodeRsaPrivateKey;
-use sha2::{Digest, Sha256};
 use x509_cert::Certificate;
 use x509_cert::der::{Decode, DecodePem, Encode};
 use x509_cert::spki::SubjectPublicKeyInfoOwned;
@@ -121,26 +120,26 @@ impl AppKey {
         SubjectPublicKeyInfoOwned::from_der(&self.public_key_der()?).map_err(cert_error)
     }
 
-    /// The JWS algorithm of this key: ES256 or RS256.
-    pub fn jwt_alg(&self) -> &'static str {
-        match self {
-            Self::P256(_) => "ES256",
-            Self::Rsa(_) => "RS256",
-        }
-    }
-
-    /// The JWS signature over `message`: r‖s for ES256, PKCS#1 v1.5 SHA-256 for RS256.
-    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, PkiError> {
-        match self {
-            Self::P256(key) => {
-                use p256::ecdsa::signature::Signer;
-                let signature: p256::ecdsa::Signature = key.sign(message);
-                Ok(signature.to_bytes().to_vec())
-            }
-            Self::Rsa(key) => key
-                .sign(rsa::Pkcs1v15Sign::new::<Sha256>(), &Sha256::digest(message))
-                .map_err(cert_error),
-        }
+    /// `claims` as a JWT signed with this key (`typ: JWT`; ES256 for P-256, RS256 for RSA, as
+    /// tsh signs), through `jsonwebtoken`.
+    pub fn sign_jwt(&self, claims: &serde_json::Value) -> Result<String, PkiError> {
+        use rsa::pkcs1::EncodeRsaPrivateKey;
+        let (algorithm, key) = match self {
+            Self::P256(key) => (
+                jsonwebtoken::Algorithm::ES256,
+                jsonwebtoken::EncodingKey::from_ec_der(
+                    key.to_pkcs8_der().map_err(cert_error)?.as_bytes(),
+                ),
+            ),
+            Self::Rsa(key) => (
+                jsonwebtoken::Algorithm::RS256,
+                jsonwebtoken::EncodingKey::from_rsa_der(
+                    key.to_pkcs1_der().map_err(cert_error)?.as_bytes(),
+                ),
+            ),
+        };
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(algorithm), claims, &key)
+            .map_err(cert_error)
     }
 
     /// Fails unless `cert_pem`'s public key is this key's.

@@ -171,8 +171,12 @@ fn app_certificates_carry_teleports_subject() {
         );
         // The key survives a PEM round trip and signs what the filter verifies.
         let key = AppKey::from_pem(&key.to_pem().unwrap()).unwrap();
-        let signed = "eyJhbGciOiJFUzI1NiJ9.e30";
-        assert!(!key.sign(signed.as_bytes()).unwrap().is_empty());
+        let jwt = key
+            .sign_jwt(&serde_json::json!({"resource": "https://management.azure.com/"}))
+            .unwrap();
+        let identity = azgate_filter::identity::parse_app_certificate(&pem).unwrap();
+        let claims = azgate_filter::jwt::verify(&jwt, &identity.public_key).unwrap();
+        assert_eq!(claims.resource, "https://management.azure.com/");
         assert!(!format!("{key:?}").contains("PRIVATE"));
     }
 }

@@ -12,6 +12,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use http::{Method, Request, Response};
+use rsa::pkcs1::{DecodeRsaPrivateKey as _, EncodeRsaPrivateKey as _};
+use rsa::pkcs8::DecodePrivateKey as _;
 use serde_json::Value;
 
 use super::cae::TokenSha256;
@@ -110,7 +112,8 @@ impl fmt::Debug for Secret {
 /// SHA-1 thumbprint (Entra's `x5t`).
 #[derive(Clone)]
 pub struct ClientCertificate {
-    key: Arc<ring::signature::RsaKeyPair>,
+    /// The RSA key, PKCS#1 (`Debug` redacts it).
+    key: Arc<jsonwebtoken::EncodingKey>,
     thumbprint_sha1: [u8; 20],
 }
 
@@ -129,15 +132,18 @@ impl ClientCertificate {
         let key = PrivateKeyDer::from_pem_slice(pem)
             .map_err(|error| bad(&format!("private key: {error}")))?;
         let key = match &key {
-            PrivateKeyDer::Pkcs8(der) => {
-                ring::signature::RsaKeyPair::from_pkcs8(der.secret_pkcs8_der())
-            }
-            PrivateKeyDer::Pkcs1(der) => {
-                ring::signature::RsaKeyPair::from_der(der.secret_pkcs1_der())
-            }
+            PrivateKeyDer::Pkcs8(der) => rsa::RsaPrivateKey::from_pkcs8_der(der.secret_pkcs8_der())
+                .map_err(|e| e.to_string()),
+            PrivateKeyDer::Pkcs1(der) => rsa::RsaPrivateKey::from_pkcs1_der(der.secret_pkcs1_der())
+                .map_err(|e| e.to_string()),
             _ => return Err(bad("only RSA keys are supported (Entra signs with RS256)")),
         }
+        .and_then(|key| {
+            key.validate().map_err(|e| e.to_string())?;
+            key.to_pkcs1_der().map_err(|e| e.to_string())
+        })
         .map_err(|error| bad(&format!("RSA key rejected: {error}")))?;
+        let key = jsonwebtoken::EncodingKey::from_rsa_der(key.as_bytes());
         let digest = ring::digest::digest(
             &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
             certificate.as_ref(),
@@ -153,11 +159,10 @@ impl ClientCertificate {
     /// A signed RS256 client assertion for `audience` (the token endpoint URL).
     fn assertion(&self, client_id: &str, audience: &str) -> Result<String, TokenError> {
         let now = unix_now();
-        let header = serde_json::json!({
-            "alg": "RS256",
-            "typ": "JWT",
-            "x5t": URL_SAFE_NO_PAD.encode(self.thumbprint_sha1),
-        });
+        let header = jsonwebtoken::Header {
+            x5t: Some(URL_SAFE_NO_PAD.encode(self.thumbprint_sha1)),
+            ..jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256)
+        };
         let claims = serde_json::json!({
             "aud": audience,
             "iss": client_id,
@@ -167,24 +172,8 @@ impl ClientCertificate {
             "iat": now,
             "exp": now + ASSERTION_LIFETIME.as_secs(),
         });
-        let signing_input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header.to_string()),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
-        );
-        let mut signature = vec![0; self.key.public().modulus_len()];
-        self.key
-            .sign(
-                &ring::signature::RSA_PKCS1_SHA256,
-                &ring::rand::SystemRandom::new(),
-                signing_input.as_bytes(),
-                &mut signature,
-            )
-            .map_err(|_| TokenError::Configuration("RSA signing failed".into()))?;
-        Ok(format!(
-            "{signing_input}.{}",
-            URL_SAFE_NO_PAD.encode(signature)
-        ))
+        jsonwebtoken::encode(&header, &claims, &self.key)
+            .map_err(|error| TokenError::Configuration(format!("RSA signing failed ({error})")))
     }
 }
 

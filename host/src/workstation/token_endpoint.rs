@@ -18,8 +18,6 @@
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
 
@@ -256,15 +254,8 @@ impl TokenEndpoint {
 
     /// `{"alg": ES256|RS256, "typ": "JWT"}` . `{"resource", "tid"}`, signed with the key.
     fn jwt(&self, resource: &str) -> Result<String, crate::pki::PkiError> {
-        let header = serde_json::json!({"alg": self.key.jwt_alg(), "typ": "JWT"});
-        let claims = serde_json::json!({"resource": resource, "tid": random_uuid()});
-        let signed = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header.to_string()),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
-        );
-        let signature = self.key.sign(signed.as_bytes())?;
-        Ok(format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature)))
+        self.key
+            .sign_jwt(&serde_json::json!({"resource": resource, "tid": random_uuid()}))
     }
 }
 

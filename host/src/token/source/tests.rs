@@ -372,14 +372,19 @@ async fn a_service_principal_signs_a_verifiable_client_assertion() {
     );
     assert_eq!(claims["iss"], "sp-client");
     assert_eq!(claims["sub"], "sp-client");
-    let public_key = ring::signature::UnparsedPublicKey::new(
-        &ring::signature::RSA_PKCS1_2048_8192_SHA256,
-        certificate.key.public().as_ref().to_vec(),
-    );
+    let public_key = {
+        use rustls_pki_types::pem::PemObject as _;
+        let der = rustls_pki_types::PrivateKeyDer::from_pem_slice(TEST_CERTIFICATE).unwrap();
+        rsa::RsaPrivateKey::from_pkcs8_der(der.secret_der())
+            .or_else(|_| rsa::RsaPrivateKey::from_pkcs1_der(der.secret_der()))
+            .unwrap()
+            .to_public_key()
+    };
     let signed = format!("{}.{}", parts[0], parts[1]);
     public_key
         .verify(
-            signed.as_bytes(),
+            rsa::Pkcs1v15Sign::new::<sha2::Sha256>(),
+            &<sha2::Sha256 as sha2::Digest>::digest(signed.as_bytes()),
             &URL_SAFE_NO_PAD.decode(parts[2]).unwrap(),
         )
         .expect("the assertion verifies with the certificate's key");
