@@ -63,15 +63,68 @@ impl std::fmt::Debug for AccessToken {
 }
 
 #[derive(Deserialize)]
-struct TokenBody {
-    access_token: Option<String>,
-    expires_on: Option<serde_json::Value>,
-    expires_in: Option<serde_json::Value>,
-}
-
-#[derive(Deserialize)]
 struct ErrorBody {
     error: Option<serde_json::Value>,
+}
+
+/// Why a 200 answer of a token endpoint is not a usable token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenBodyError {
+    /// Not a JSON object.
+    NotJson,
+    /// `access_token` missing, empty, or not printable ASCII (it goes into a header).
+    NoAccessToken,
+    /// `expires_on` present but neither a non-negative number, a numeric string nor an App
+    /// Service date.
+    BadExpiresOn,
+    /// `expires_in` present (and `expires_on` absent) but not a non-negative number.
+    BadExpiresIn,
+    /// Neither `expires_on` nor `expires_in`.
+    NoExpiry,
+}
+
+impl std::fmt::Display for TokenBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::NotJson => "the answer is not a JSON object",
+            Self::NoAccessToken => "the answer has no usable access_token",
+            Self::BadExpiresOn => "the answer has an unreadable expires_on",
+            Self::BadExpiresIn => "the answer has an unreadable expires_in",
+            Self::NoExpiry => "the answer has neither expires_on nor expires_in",
+        })
+    }
+}
+
+/// Reads the body of a token endpoint's 200 answer, received at `now` (Unix seconds), by the one
+/// rule set every reader in azgate uses: the filter reading its call-out, the token service
+/// reading IMDS, App Service, Entra or another source.
+///
+/// `expires_on` (absolute: a JSON number, a numeric string, or App Service's legacy US date)
+/// wins over `expires_in` (relative to `now`; IMDS's own cache makes it ambiguous). Numbers
+/// must be non-negative; fractions are truncated.
+pub fn parse_token_body(body: &[u8], now: i64) -> Result<AccessToken, TokenBodyError> {
+    let body: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).map_err(|_| TokenBodyError::NotJson)?;
+    let secret = body
+        .get("access_token")
+        .and_then(serde_json::Value::as_str)
+        .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or(TokenBodyError::NoAccessToken)?
+        .to_string();
+    let present = |name: &str| {
+        body.get(name)
+            .filter(|v| !v.is_null() && v.as_str() != Some(""))
+    };
+    let expires_on = if let Some(on) = present("expires_on") {
+        seconds(on)
+            .or_else(|| on.as_str().and_then(crate::us_date::parse_us_date))
+            .ok_or(TokenBodyError::BadExpiresOn)?
+    } else if let Some(within) = present("expires_in") {
+        now.saturating_add(seconds(within).ok_or(TokenBodyError::BadExpiresIn)?)
+    } else {
+        return Err(TokenBodyError::NoExpiry);
+    };
+    Ok(AccessToken { secret, expires_on })
 }
 
 /// Reads a token-service answer with HTTP `status` and `body`, received at `now`.
@@ -79,44 +132,42 @@ pub fn parse_token_response(status: u16, body: &[u8], now: i64) -> Result<Access
     if status != 200 {
         return Err(token_service_error(status, body));
     }
-    let parsed: TokenBody = serde_json::from_slice(body).map_err(|_| {
-        Refusal::InvalidTokenServiceResponse(
-            "the token service answered with malformed JSON".into(),
-        )
+    let token = parse_token_body(body, now).map_err(|error| {
+        Refusal::InvalidTokenServiceResponse(match error {
+            TokenBodyError::NotJson => "the token service answered with malformed JSON".into(),
+            TokenBodyError::NoAccessToken => {
+                "the token service answer has no usable access_token".into()
+            }
+            TokenBodyError::BadExpiresOn
+            | TokenBodyError::BadExpiresIn
+            | TokenBodyError::NoExpiry => {
+                "the token service answer has no usable expires_on or expires_in".into()
+            }
+        })
     })?;
-    let secret = parsed
-        .access_token
-        .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic()))
-        .ok_or_else(|| {
-            Refusal::InvalidTokenServiceResponse(
-                "the token service answer has no usable access_token".into(),
-            )
-        })?;
-    let expires_on = match (
-        seconds(parsed.expires_on.as_ref()),
-        seconds(parsed.expires_in.as_ref()),
-    ) {
-        (Some(on), _) => on,
-        (None, Some(within)) => now.saturating_add(within),
-        (None, None) => {
-            return Err(Refusal::InvalidTokenServiceResponse(
-                "the token service answer has no usable expires_on or expires_in".into(),
-            ));
-        }
-    };
-    if expires_on <= now {
+    if token.expires_on <= now {
         return Err(Refusal::InvalidTokenServiceResponse(
             "the token service returned an expired token".into(),
         ));
     }
-    Ok(AccessToken { secret, expires_on })
+    Ok(token)
 }
 
-/// A JSON number or a numeric string, as whole seconds.
-fn seconds(value: Option<&serde_json::Value>) -> Option<i64> {
-    match value? {
-        serde_json::Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
-        serde_json::Value::String(s) => s.trim().parse::<i64>().ok(),
+/// A non-negative whole number of seconds, given as a JSON number or a numeric string.
+fn seconds(value: &serde_json::Value) -> Option<i64> {
+    let float = |f: f64| (f.is_finite() && f >= 0.0).then_some(f as i64);
+    match value {
+        serde_json::Value::Number(n) => n
+            .as_i64()
+            .filter(|s| *s >= 0)
+            .or_else(|| n.as_f64().and_then(float)),
+        serde_json::Value::String(s) => {
+            let s = s.trim();
+            s.parse::<i64>()
+                .ok()
+                .filter(|s| *s >= 0)
+                .or_else(|| s.parse::<f64>().ok().and_then(float))
+        }
         _ => None,
     }
 }
@@ -245,5 +296,74 @@ mod tests {
             expires_on: 1,
         };
         assert!(!format!("{token:?}").contains("eyJsecret"));
+    }
+
+    #[test]
+    fn token_bodies_follow_one_rule_set() {
+        let now = 1_000;
+        let ok = |body: &str| parse_token_body(body.as_bytes(), now);
+        let expires = |body: &str| ok(body).map(|t| t.expires_on);
+        assert_eq!(
+            expires(r#"{"access_token":"t","expires_on":5000}"#),
+            Ok(5000)
+        );
+        assert_eq!(
+            expires(r#"{"access_token":"t","expires_on":"5000"}"#),
+            Ok(5000)
+        );
+        assert_eq!(
+            expires(r#"{"access_token":"t","expires_on":"5000.7"}"#),
+            Ok(5000)
+        );
+        // expires_on wins; a blank one falls back to expires_in.
+        assert_eq!(
+            expires(r#"{"access_token":"t","expires_on":"5000","expires_in":9}"#),
+            Ok(5000)
+        );
+        assert_eq!(
+            expires(r#"{"access_token":"t","expires_on":"","expires_in":"60"}"#),
+            Ok(1060)
+        );
+        // App Service's legacy date.
+        assert_eq!(
+            expires(r#"{"access_token":"t","expires_on":"1/1/2030 12:00:00 AM +00:00"}"#),
+            Ok(1_893_456_000)
+        );
+        for (body, error) in [
+            ("[1]", TokenBodyError::NotJson),
+            ("{", TokenBodyError::NotJson),
+            (r#"{"expires_in":60}"#, TokenBodyError::NoAccessToken),
+            (
+                r#"{"access_token":"","expires_in":60}"#,
+                TokenBodyError::NoAccessToken,
+            ),
+            (
+                r#"{"access_token":"a\r\nb","expires_in":60}"#,
+                TokenBodyError::NoAccessToken,
+            ),
+            (
+                r#"{"access_token":"a b","expires_in":60}"#,
+                TokenBodyError::NoAccessToken,
+            ),
+            (
+                r#"{"access_token":7,"expires_in":60}"#,
+                TokenBodyError::NoAccessToken,
+            ),
+            (
+                r#"{"access_token":"t","expires_on":-5}"#,
+                TokenBodyError::BadExpiresOn,
+            ),
+            (
+                r#"{"access_token":"t","expires_on":"soon"}"#,
+                TokenBodyError::BadExpiresOn,
+            ),
+            (
+                r#"{"access_token":"t","expires_in":"-1"}"#,
+                TokenBodyError::BadExpiresIn,
+            ),
+            (r#"{"access_token":"t"}"#, TokenBodyError::NoExpiry),
+        ] {
+            assert_eq!(ok(body).map(|_| ()), Err(error), "{body}");
+        }
     }
 }

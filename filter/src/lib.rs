@@ -30,6 +30,7 @@ pub mod lock;
 pub mod policy;
 pub mod template;
 pub mod token_cache;
+pub mod us_date;
 
 #[cfg(target_arch = "wasm32")]
 mod context;

@@ -5,7 +5,8 @@
 //! - [`protocol`]: paths and api-versions of IMDS and of App Service's identity endpoint;
 //! - [`request`]: the request rules IMDS enforces (GET, `Metadata: true`, no
 //!   `X-Forwarded-For`, no duplicate parameters);
-//! - [`us_date`]: the US-style `expires_on` dates App Service's legacy endpoint sends;
+//! - [`us_date`] (the filter's, re-exported): the US-style `expires_on` dates App Service's
+//!   legacy endpoint sends;
 //! - [`server`]: the buffered HTTP/1.1 accept loop, shutdown signal and JSON responses.
 //!
 //! What the filter needs of the same protocol (the call-out path, answer parsing) is
@@ -17,4 +18,4 @@
 pub mod protocol;
 pub mod request;
 pub mod server;
-pub mod us_date;
+pub use azgate_filter::us_date;

@@ -20,7 +20,6 @@ use super::cae::TokenSha256;
 use super::client::HttpClient;
 use super::error::TokenError;
 use azgate_msi::protocol::{APP_SERVICE_API_VERSION, IMDS_API_VERSION, IMDS_TOKEN_PATH};
-use azgate_msi::us_date::parse_us_date;
 
 /// The IMDS address; never proxied, plain HTTP.
 pub const IMDS_ENDPOINT: &str = "http://169.254.169.254";
@@ -523,67 +522,17 @@ pub(crate) fn parse_response(response: &Response<Bytes>) -> Result<FetchedToken,
             retry_after,
         ));
     }
-    let body: Value = serde_json::from_slice(response.body())
-        .map_err(|error| TokenError::MalformedResponse(format!("not JSON: {error}")))?;
-    let secret = body
-        .get("access_token")
-        .and_then(Value::as_str)
-        .filter(|token| !token.is_empty())
-        .ok_or_else(|| TokenError::MalformedResponse("no access_token".into()))?;
-    let expires_on = expiry(&body, unix_now())?;
+    // The one rule set for token answers, shared with the filter.
+    let token = azgate_filter::imds::parse_token_body(response.body(), unix_now_i64())
+        .map_err(|error| TokenError::MalformedResponse(error.to_string()))?;
     Ok(FetchedToken {
-        secret: Secret::new(secret),
-        expires_on,
+        secret: Secret::new(token.secret),
+        expires_on: u64::try_from(token.expires_on).unwrap_or_default(),
     })
 }
 
-/// `expires_on` (absolute; a number, numeric string or App Service date string) is preferred
-/// over `expires_in` (relative to issuance, which IMDS's own cache makes ambiguous).
-fn expiry(body: &Value, now: u64) -> Result<u64, TokenError> {
-    if let Some(expires_on) = body.get("expires_on").filter(|value| !is_blank(value)) {
-        let parsed = number(expires_on).or_else(|| {
-            expires_on
-                .as_str()
-                .and_then(parse_us_date)
-                .and_then(|epoch| u64::try_from(epoch).ok())
-        });
-        return parsed.ok_or_else(|| {
-            TokenError::MalformedResponse(format!("unparseable expires_on {expires_on}"))
-        });
-    }
-    if let Some(expires_in) = body.get("expires_in").filter(|value| !is_blank(value)) {
-        return number(expires_in)
-            .map(|seconds| now.saturating_add(seconds))
-            .ok_or_else(|| {
-                TokenError::MalformedResponse(format!("unparseable expires_in {expires_in}"))
-            });
-    }
-    Err(TokenError::MalformedResponse(
-        "neither expires_on nor expires_in".into(),
-    ))
-}
-
-fn is_blank(value: &Value) -> bool {
-    value.is_null() || value.as_str().is_some_and(str::is_empty)
-}
-
-/// A non-negative integer given as a JSON number or a numeric string (fractions truncated).
-fn number(value: &Value) -> Option<u64> {
-    match value {
-        Value::Number(number) => number
-            .as_u64()
-            .or_else(|| number.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)),
-        Value::String(text) => {
-            let text = text.trim();
-            text.parse::<u64>().ok().or_else(|| {
-                text.parse::<f64>()
-                    .ok()
-                    .filter(|f| f.is_finite() && *f >= 0.0)
-                    .map(|f| f as u64)
-            })
-        }
-        _ => None,
-    }
+fn unix_now_i64() -> i64 {
+    i64::try_from(unix_now()).unwrap_or(i64::MAX)
 }
 
 /// `(error code, description)` from IMDS (`error`/`error_description`), Entra (same plus
