@@ -205,13 +205,16 @@ pub async fn start(
     if let Some(admin) = &config.admin {
         let listener = tokio::net::TcpListener::bind(admin.address).await?;
         println!("admin on {}", listener.local_addr()?);
-        tokio::spawn(serve_admin(
-            listener,
-            all_stats,
+        let endpoints = AdminEndpoints {
+            stats: all_stats,
             ready,
             workers,
             token_service,
-            policy_stats,
+            policy: policy_stats,
+        };
+        tokio::spawn(azgate_msi::server::serve(
+            listener,
+            Arc::new(endpoints),
             stop.clone(),
         ));
     }
@@ -315,69 +318,41 @@ fn run_worker(
     })
 }
 
-async fn serve_admin(
-    listener: tokio::net::TcpListener,
+/// The admin listener: `/ready` and `/metrics` (the gateway's, the policy reloads', and the
+/// in-process token service's).
+struct AdminEndpoints {
     stats: Vec<Arc<WorkerStats>>,
     ready: Arc<AtomicUsize>,
     workers: usize,
     token_service: Option<Arc<TokenService>>,
     policy: Arc<policy::PolicyStats>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let stats = Arc::new(stats);
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = stop.changed() => return,
-        };
-        let Ok((tcp, _)) = accepted else { continue };
-        let (stats, ready, token_service, policy) = (
-            stats.clone(),
-            ready.clone(),
-            token_service.clone(),
-            policy.clone(),
-        );
-        tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let (stats, ready, token_service, policy) = (
-                        stats.clone(),
-                        ready.clone(),
-                        token_service.clone(),
-                        policy.clone(),
-                    );
-                    async move {
-                        let response = match request.uri().path() {
-                            "/ready" if ready.load(Ordering::SeqCst) >= workers => {
-                                text(200, "LIVE\n".into())
-                            }
-                            "/ready" => text(503, "STARTING\n".into()),
-                            "/metrics" => {
-                                let mut body = stats::render(&stats);
-                                policy.render(&mut body);
-                                if let Some(service) = token_service {
-                                    let request = Request::get("/metrics").body(Bytes::new());
-                                    if let Ok(request) = request {
-                                        let metrics = service.handle(request).await;
-                                        body.push_str(&String::from_utf8_lossy(metrics.body()));
-                                    }
-                                }
-                                text(200, body)
-                            }
-                            _ => text(404, "not found\n".into()),
-                        };
-                        Ok::<_, std::convert::Infallible>(response)
-                    }
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                .await;
-        });
+}
+
+impl azgate_msi::server::Handler for AdminEndpoints {
+    async fn handle(&self, request: Request<Bytes>) -> Response<Bytes> {
+        match request.uri().path() {
+            "/ready" if self.ready.load(Ordering::SeqCst) >= self.workers => {
+                text(200, "LIVE\n".into())
+            }
+            "/ready" => text(503, "STARTING\n".into()),
+            "/metrics" => {
+                let mut body = stats::render(&self.stats);
+                self.policy.render(&mut body);
+                if let Some(service) = &self.token_service
+                    && let Ok(request) = Request::get("/metrics").body(Bytes::new())
+                {
+                    let metrics = service.handle(request).await;
+                    body.push_str(&String::from_utf8_lossy(metrics.body()));
+                }
+                text(200, body)
+            }
+            _ => text(404, "not found\n".into()),
+        }
     }
 }
 
-fn text(status: u16, body: String) -> Response<http_body_util::Full<Bytes>> {
-    let mut response = Response::new(http_body_util::Full::new(Bytes::from(body)));
+fn text(status: u16, body: String) -> Response<Bytes> {
+    let mut response = Response::new(Bytes::from(body));
     *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
     response.headers_mut().insert(
         "content-type",

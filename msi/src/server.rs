@@ -1,5 +1,5 @@
-//! The small HTTP/1.1 server loop every IMDS-protocol server runs: the token service and the
-//! IMDS emulator.
+//! The small HTTP/1.1 server loop of azgate's buffered endpoints: the token service, the IMDS
+//! emulator and `azgate serve`'s admin listener (`/ready`, `/metrics`).
 //!
 //! Handlers see a fully buffered `Request<Bytes>` and return a `Response<Bytes>`: every body
 //! these endpoints exchange is a few hundred bytes of JSON, so streaming would only add code.
