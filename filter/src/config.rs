@@ -13,6 +13,7 @@ use crate::endpoint::{Cloud, EndpointPolicy};
 use crate::identity::CertificateRules;
 use crate::lock::LockSet;
 use crate::policy::{IdentityId, RoleRules, RoleSet};
+use crate::resource::RawMetadata;
 use crate::template::Template;
 
 /// A configuration error naming the offending field.
@@ -126,21 +127,6 @@ struct RawRole {
     version: Option<String>,
     metadata: Option<RawMetadata>,
     spec: Option<RawSpec>,
-}
-
-/// `metadata` of a Teleport resource (role, lock): only the name is read.
-#[derive(Deserialize)]
-pub(crate) struct RawMetadata {
-    name: Option<String>,
-}
-
-impl RawMetadata {
-    /// The resource's name, if `metadata` has a non-blank one.
-    pub(crate) fn name_of(metadata: Option<Self>) -> Option<String> {
-        metadata
-            .and_then(|m| m.name)
-            .filter(|n| !n.trim().is_empty())
-    }
 }
 
 #[derive(Deserialize)]

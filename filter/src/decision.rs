@@ -13,24 +13,10 @@ use crate::config::Config;
 use crate::endpoint::printable;
 use crate::error::Refusal;
 use crate::headers;
+pub use crate::headers::RequestView;
 use crate::identity::{self, AppIdentity};
 use crate::jwt::{self, Claims};
 use crate::policy::IdentityId;
-
-/// The request headers the decision reads (all values of each).
-#[derive(Debug, Default)]
-pub struct RequestView<'a> {
-    /// `x-forwarded-client-cert` values, as set by the host.
-    pub xfcc: Vec<&'a str>,
-    /// `authorization` values.
-    pub authorization: Vec<&'a str>,
-    /// `x-forwarded-host` values.
-    pub forwarded_host: Vec<&'a str>,
-    /// `:method`.
-    pub method: &'a str,
-    /// `:path`.
-    pub path: &'a str,
-}
 
 /// A request allowed to go upstream.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -12,7 +12,6 @@
 //! doing so, so treating empty values as absent is the only rule both hosts can apply alike;
 //! non-empty repeats stay refused (in Envoy they arrive comma-joined, and a comma is refused).
 
-use crate::decision::RequestView;
 use crate::error::Refusal;
 
 /// The headers the decision reads, each validated before use.
@@ -30,6 +29,21 @@ const READ: [&str; 6] = [
 /// the value.
 pub fn trim_ows(value: &str) -> &str {
     value.trim_matches([' ', '\t'])
+}
+
+/// The request headers the decision reads (all values of each).
+#[derive(Debug, Default)]
+pub struct RequestView<'a> {
+    /// `x-forwarded-client-cert` values, as set by the host.
+    pub xfcc: Vec<&'a str>,
+    /// `authorization` values.
+    pub authorization: Vec<&'a str>,
+    /// `x-forwarded-host` values.
+    pub forwarded_host: Vec<&'a str>,
+    /// `:method`.
+    pub method: &'a str,
+    /// `:path`.
+    pub path: &'a str,
 }
 
 /// Builds the decision's view of a request from the host's header pairs.

@@ -28,6 +28,7 @@ pub mod imds;
 pub mod jwt;
 pub mod lock;
 pub mod policy;
+mod resource;
 pub mod template;
 pub mod token_cache;
 pub mod us_date;

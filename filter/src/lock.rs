@@ -12,8 +12,8 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::config::RawMetadata;
 use crate::error::Refusal;
+use crate::resource::RawMetadata;
 
 /// One lock, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use azgate::envoy_config::{self, RenderOptions};
-use azgate::serve::{ServeConfig, read_role_file};
+use azgate::config::ServeConfig;
+use azgate::config::teleport::read_role_file;
 use libfuzzer_sys::fuzz_target;
 
 fn scratch() -> &'static PathBuf {

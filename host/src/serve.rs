@@ -5,8 +5,10 @@
 //! accept on it in turn. Call-outs to `token_service` clusters are answered in-process by the
 //! token module. SIGTERM/SIGINT stop accepting and drain in-flight requests.
 
+mod connection;
 mod error;
 mod http1_guard;
+mod listener;
 mod policy;
 mod proxy;
 mod stats;
@@ -146,8 +148,8 @@ pub async fn start(
             }
         };
         println!("listener {} on {}", listener.name, sockets[0].local_addr()?);
-        let connections = Arc::new(proxy::ConnectionLimit::new(listener.max_connections));
-        let timeouts = proxy::Timeouts {
+        let connections = Arc::new(listener::ConnectionLimit::new(listener.max_connections));
+        let timeouts = connection::Timeouts {
             headers: Duration::from_millis(listener.request_headers_timeout_ms),
             request: Duration::from_millis(listener.request_timeout_ms),
         };
@@ -176,7 +178,7 @@ pub async fn start(
         all_stats.push(stats.clone());
         let mut specs = Vec::new();
         for (sockets, tls, connections, local_subject, timeouts) in &mut listeners {
-            specs.push(proxy::ListenerSpec {
+            specs.push(listener::ListenerSpec {
                 listener: sockets.pop().ok_or_else(|| {
                     ServeError::Config("one listening socket per worker was bound".into())
                 })?,
@@ -263,7 +265,7 @@ fn run_worker(
     plugin: Arc<Plugin>,
     clusters: Arc<upstream::Clusters>,
     stats: Arc<WorkerStats>,
-    specs: Vec<proxy::ListenerSpec>,
+    specs: Vec<listener::ListenerSpec>,
     upstream_config: config::UpstreamConfig,
     signals: WorkerSignals,
 ) -> Result<(), ServeError> {
@@ -298,7 +300,7 @@ fn run_worker(
         });
         let mut accepting = Vec::new();
         for spec in specs {
-            accepting.push(tokio::task::spawn_local(proxy::serve_listener(
+            accepting.push(tokio::task::spawn_local(listener::serve_listener(
                 worker.clone(),
                 forwarding.clone(),
                 spec,
