@@ -70,6 +70,7 @@ test-workstation: wasm envoy
 
 lint: wasm-target
 	$(CARGO) fmt --all -- --check
+	python3 scripts/module_cycles.py
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p azgate-filter --target wasm32-wasip1 -- -D warnings
 	$(CARGO) clippy -p azgate-probe --target wasm32-wasip1 -- -D warnings
