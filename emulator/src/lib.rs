@@ -54,6 +54,8 @@
 //! `{"fault":"hang"}`, `{"fault":"slow","millis":N}`, `{"fault":"malformed_json"}`,
 //! `{"fault":"date_string_expiry"}`, `{"fault":"opaque_token"}`.
 
+#![warn(missing_docs, unreachable_pub)]
+
 // The request checks return the refusal response itself as the error; it is built at most once
 // per refused request, so boxing it would only add noise.
 #![allow(

@@ -1,6 +1,8 @@
 //! Test support for azgate's integration tests: a test CA minting Teleport-format certificates,
 //! JWT minting, a fake Azure endpoint, and topologies that run the filter in a real gateway.
 
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod hostile_pki;
 pub mod jwt;
 pub mod pki;

@@ -139,9 +139,10 @@ pub struct Options {
     /// The listeners' `request_timeout_ms` (Envoy's `request_timeout`); `None`: the default
     /// (60 s). The hostile corpus shortens it to see requests that never end answered 408.
     pub request_timeout_ms: Option<u64>,
-    /// `filter.role_files` and `filter.lock_files` of `azgate.yaml` (serve and the rendered
-    /// Envoy config; the plain test Envoy ignores them).
+    /// `filter.role_files` of `azgate.yaml` (serve and the rendered Envoy config; the plain
+    /// test Envoy ignores them).
     pub role_files: Vec<PathBuf>,
+    /// `filter.lock_files` of `azgate.yaml`, likewise.
     pub lock_files: Vec<PathBuf>,
 }
 
