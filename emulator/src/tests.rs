@@ -1,5 +1,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::Value;
+
 use super::*;
 
 fn imds_request(query: &str) -> Request<Bytes> {
