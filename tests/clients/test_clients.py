@@ -140,7 +140,7 @@ def test_token_service_detects_an_app_service_source_from_the_environment(emulat
     from conftest import TokenService
     from azure.identity import ManagedIdentityCredential
 
-    header = "azgate-emulator-identity-header"  # azgate::emulator::DEFAULT_IDENTITY_HEADER
+    header = "azgate-emulator-identity-header"  # azgate_emulator::DEFAULT_IDENTITY_HEADER
     service = TokenService(
         ["token-service", "--listen", "127.0.0.1:0"],
         clean_env(IDENTITY_ENDPOINT=f"{emulator.base_url}/msi/token", IDENTITY_HEADER=header),

@@ -67,7 +67,7 @@ fn selection_follows_tsh() {
 
 #[test]
 fn roles_from_yaml_and_json_files() {
-    let dir = std::env::temp_dir().join(format!("azgate-devca-roles-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("azgate-pki-roles-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let yaml = dir.join("roles.yaml");
     std::fs::write(
@@ -297,7 +297,7 @@ fn leaf_certificates_carry_teleports_extensions() {
 
 #[test]
 fn ca_round_trips_through_its_directory() {
-    let dir = std::env::temp_dir().join(format!("azgate-devca-dir-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("azgate-pki-dir-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let ca = CertificateAuthority::generate("round trip", Duration::from_secs(3600)).unwrap();
     ca.save(&dir).unwrap();
