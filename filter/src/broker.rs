@@ -33,13 +33,9 @@ use crate::token_cache::{self, Acquire, Poll, Rules};
 /// Largest token-service answer read.
 const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
 
-/// A paused request.
+/// A paused request: how it will end, and by when.
 struct Waiter {
-    context_id: u32,
-    /// The cache key of its (identity, resource).
-    key: String,
-    grant: Grant,
-    audit: AuditFields,
+    ending: Ending,
     deadline_ms: i64,
 }
 
@@ -78,10 +74,11 @@ enum Resume {
     Deferred,
 }
 
-/// A request whose token step is over.
-struct Ending<'a> {
+/// A request past the decision, until its token step is over.
+struct Ending {
     context_id: u32,
-    target: &'a str,
+    /// The Azure host it goes to (the new `:authority`).
+    target: String,
     /// The cache key of the token it asked for (none for unauthenticated forwarding).
     key: Option<String>,
     audit: AuditFields,
@@ -133,32 +130,44 @@ impl Broker {
         grant: Grant,
         audit: AuditFields,
     ) -> Action {
-        let Some(resource) = grant.resource.clone() else {
+        let Grant {
+            target,
+            identity,
+            resource,
+        } = grant;
+        let Some(resource) = resource else {
             let ending = Ending {
                 context_id,
-                target: &grant.target,
+                target,
                 key: None,
                 audit,
             };
             return self.finish(host, ending, Ok(None), Resume::Inline);
         };
         let now_ms = host.now_ms();
-        let key = token_cache::cache_key(grant.identity.folded(), &resource);
+        let key = token_cache::cache_key(identity.folded(), &resource);
         let waiter = Waiter {
-            context_id,
-            key: key.clone(),
+            ending: Ending {
+                context_id,
+                target,
+                key: Some(key.clone()),
+                audit,
+            },
             deadline_ms: now_ms + waiter_budget_ms(config),
-            grant,
-            audit,
         };
         if let Some(pending) = self.pending.get_mut(&key) {
             pending.waiters.push(waiter);
             return Action::Pause;
         }
-        let identity = waiter.grant.identity.as_str().to_string();
+        let identity = identity.as_str().to_string();
         let phase = match self.rules.acquire(host, &key, now_ms, self.nonce) {
             Ok(Acquire::Hit(token)) => {
-                return self.finish_waiter(host, waiter, Ok(Some((&token, true))), Resume::Inline);
+                return self.finish(
+                    host,
+                    waiter.ending,
+                    Ok(Some((&token, true))),
+                    Resume::Inline,
+                );
             }
             Ok(Acquire::Fetch) => match self.dispatch(host, config, &key, &identity, &resource) {
                 Ok(()) => Phase::Fetching {
@@ -167,12 +176,12 @@ impl Broker {
                 },
                 Err(refusal) => {
                     self.publish(host, &key, &Err(refusal.clone()), now_ms);
-                    return self.finish_waiter(host, waiter, Err(&refusal), Resume::Inline);
+                    return self.finish(host, waiter.ending, Err(&refusal), Resume::Inline);
                 }
             },
             Ok(Acquire::Settle) => Phase::Settling { since_ms: now_ms },
             Ok(Acquire::Wait) => Phase::Waiting { since_ms: now_ms },
-            Err(refusal) => return self.finish_waiter(host, waiter, Err(&refusal), Resume::Inline),
+            Err(refusal) => return self.finish(host, waiter.ending, Err(&refusal), Resume::Inline),
         };
         self.pending.insert(
             key,
@@ -205,7 +214,7 @@ impl Broker {
             log_fetch(host, &pending, &outcome);
             let outcome = outcome.as_ref().map(|token| Some((token, false)));
             for waiter in pending.waiters {
-                self.finish_waiter(host, waiter, outcome, Resume::Deferred);
+                self.finish(host, waiter.ending, outcome, Resume::Deferred);
             }
         }
         self.stop_ticking_if_idle(host);
@@ -229,7 +238,7 @@ impl Broker {
                 "timed out waiting for a managed identity token".into(),
             );
             for waiter in expired {
-                self.finish_waiter(host, waiter, Err(&timeout), Resume::Deferred);
+                self.finish(host, waiter.ending, Err(&timeout), Resume::Deferred);
             }
             let polled = match pending.phase {
                 Phase::Fetching { started_ms, .. }
@@ -267,9 +276,9 @@ impl Broker {
                 Ok(Poll::Ready(token)) => {
                     // Fetched by another worker: from the shared cache.
                     for waiter in pending.waiters {
-                        self.finish_waiter(
+                        self.finish(
                             host,
-                            waiter,
+                            waiter.ending,
                             Ok(Some((&token, true))),
                             Resume::Deferred,
                         );
@@ -277,7 +286,7 @@ impl Broker {
                 }
                 Ok(Poll::Failed(refusal)) | Err(refusal) => {
                     for waiter in pending.waiters {
-                        self.finish_waiter(host, waiter, Err(&refusal), Resume::Deferred);
+                        self.finish(host, waiter.ending, Err(&refusal), Resume::Deferred);
                     }
                 }
                 Ok(Poll::Settle) => {
@@ -298,7 +307,7 @@ impl Broker {
                         Err(refusal) => {
                             self.publish(host, &key, &Err(refusal.clone()), now_ms);
                             for waiter in pending.waiters {
-                                self.finish_waiter(host, waiter, Err(&refusal), Resume::Deferred);
+                                self.finish(host, waiter.ending, Err(&refusal), Resume::Deferred);
                             }
                         }
                     }
@@ -336,7 +345,9 @@ impl Broker {
     /// audit line is written, once.
     pub fn on_stream_end<H: Host>(&mut self, host: &H, context_id: u32) {
         for pending in self.pending.values_mut() {
-            pending.waiters.retain(|w| w.context_id != context_id);
+            pending
+                .waiters
+                .retain(|w| w.ending.context_id != context_id);
             if matches!(pending.phase, Phase::Fetching { owner, .. } if owner == context_id) {
                 pending.phase = Phase::Orphaned;
             }
@@ -346,36 +357,13 @@ impl Broker {
         }
     }
 
-    fn finish_waiter<H: Host>(
-        &mut self,
-        host: &H,
-        waiter: Waiter,
-        outcome: Result<Injected<'_>, &Refusal>,
-        resume: Resume,
-    ) -> Action {
-        let Waiter {
-            context_id,
-            key,
-            grant,
-            audit,
-            ..
-        } = waiter;
-        let ending = Ending {
-            context_id,
-            target: &grant.target,
-            key: Some(key),
-            audit,
-        };
-        self.finish(host, ending, outcome, resume)
-    }
-
     /// Where every request that got past the decision ends: forwarded (headers rewritten, the
     /// audit line held until the stream ends) or refused (audit line and local answer now). A
     /// deferred request whose stream is gone is skipped.
     fn finish<H: Host>(
         &mut self,
         host: &H,
-        ending: Ending<'_>,
+        ending: Ending,
         outcome: Result<Injected<'_>, &Refusal>,
         resume: Resume,
     ) -> Action {
@@ -389,7 +377,7 @@ impl Broker {
             return Action::Pause;
         }
         let rewritten = outcome.map_err(Refusal::clone).and_then(|injected| {
-            rewrite(host, target, injected.map(|(token, _)| token)).map(|()| injected)
+            rewrite(host, &target, injected.map(|(token, _)| token)).map(|()| injected)
         });
         match rewritten {
             Ok(injected) => {

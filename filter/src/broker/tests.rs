@@ -272,6 +272,17 @@ impl Vm {
         self.broker.on_call_response(host, call.id, 2, body.len());
     }
 
+    /// Azure answers context `id`'s forwarded request with these response headers.
+    fn upstream_answers(&mut self, host: &FakeHost, id: u32, headers: &[(&str, &str)]) {
+        let headers = headers
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.as_bytes().to_vec()))
+            .collect();
+        host.response_headers.borrow_mut().insert(id, headers);
+        host.enter(id);
+        self.broker.on_response_headers(host, id);
+    }
+
     fn end(&mut self, host: &FakeHost, id: u32) {
         host.enter(id);
         self.broker.on_stream_end(host, id);
@@ -313,6 +324,15 @@ fn fetching(host: &FakeHost, vm: &mut Vm, id: u32) -> Call {
     let calls = host.calls.borrow();
     assert_eq!(calls.len(), 1, "{calls:?}");
     calls[0].clone()
+}
+
+/// A VM whose first request (context 10) fetched `secret` and went upstream with it.
+fn holding_token(secret: &str) -> (FakeHost, Vm) {
+    let host = FakeHost::new();
+    let mut vm = Vm::new(&host, ROOT);
+    let call = fetching(&host, &mut vm, 10);
+    vm.answer(&host, &call, 200, &token_body(&host, secret, 3600));
+    (host, vm)
 }
 
 #[test]
@@ -362,10 +382,7 @@ fn concurrent_requests_share_one_call_out_and_resume_with_the_token() {
 
 #[test]
 fn a_cached_token_continues_inline_without_a_call_out() {
-    let host = FakeHost::new();
-    let mut vm = Vm::new(&host, ROOT);
-    let call = fetching(&host, &mut vm, 10);
-    vm.answer(&host, &call, 200, &token_body(&host, "tok-1", 3600));
+    let (host, mut vm) = holding_token("tok-1");
     host.advance(60_000);
     assert_eq!(vm.request(&host, 20, Some(ARM)), Action::Continue);
     assert_eq!(bearer(&host, 20).as_deref(), Some("Bearer tok-1"));
@@ -544,23 +561,19 @@ fn a_request_whose_stream_is_gone_is_skipped() {
 
 #[test]
 fn a_claims_challenge_revokes_the_token_and_the_next_fetch_names_it() {
-    let host = FakeHost::new();
-    let mut vm = Vm::new(&host, ROOT);
-    let call = fetching(&host, &mut vm, 10);
-    vm.answer(&host, &call, 200, &token_body(&host, "tok-1", 3600));
-    host.response_headers.borrow_mut().insert(
+    let (host, mut vm) = holding_token("tok-1");
+    vm.upstream_answers(
+        &host,
         10,
-        HashMap::from([
-            (":status".to_string(), b"401".to_vec()),
+        &[
+            (":status", "401"),
             (
-                "www-authenticate".to_string(),
-                br#"Bearer realm="", error="insufficient_claims", claims="e30=""#.to_vec(),
+                "www-authenticate",
+                r#"Bearer realm="", error="insufficient_claims", claims="e30=""#,
             ),
-            ("x-ms-request-id".to_string(), b"req-1".to_vec()),
-        ]),
+            ("x-ms-request-id", "req-1"),
+        ],
     );
-    host.enter(10);
-    vm.broker.on_response_headers(&host, 10);
     assert_eq!(host.logged("azgate.cae_revocation"), 1);
     vm.end(&host, 10);
     assert_eq!(host.audit_lines()[0]["upstream_status"], 401);
@@ -585,22 +598,12 @@ fn a_claims_challenge_revokes_the_token_and_the_next_fetch_names_it() {
 #[test]
 fn a_plain_401_or_a_success_revokes_nothing() {
     for (status, challenge) in [("401", r#"Bearer realm="""#), ("200", "")] {
-        let host = FakeHost::new();
-        let mut vm = Vm::new(&host, ROOT);
-        let call = fetching(&host, &mut vm, 10);
-        vm.answer(&host, &call, 200, &token_body(&host, "tok-1", 3600));
-        host.response_headers.borrow_mut().insert(
+        let (host, mut vm) = holding_token("tok-1");
+        vm.upstream_answers(
+            &host,
             10,
-            HashMap::from([
-                (":status".to_string(), status.as_bytes().to_vec()),
-                (
-                    "www-authenticate".to_string(),
-                    challenge.as_bytes().to_vec(),
-                ),
-            ]),
+            &[(":status", status), ("www-authenticate", challenge)],
         );
-        host.enter(10);
-        vm.broker.on_response_headers(&host, 10);
         assert_eq!(host.logged("azgate.cae_revocation"), 0);
         assert_eq!(vm.request(&host, 20, Some(ARM)), Action::Continue);
     }
