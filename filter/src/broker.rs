@@ -534,7 +534,12 @@ fn rewrite<H: Host>(host: &H, target: &str, token: Option<&AccessToken>) -> Resu
         .map_err(internal)?;
     host.set_request_header(":authority", Some(target))
         .map_err(internal)?;
-    for name in ["x-forwarded-client-cert", "x-forwarded-host"] {
+    // `proxy-authorization` is a credential for a proxy (azgate is one), never for Azure.
+    for name in [
+        "x-forwarded-client-cert",
+        "x-forwarded-host",
+        "proxy-authorization",
+    ] {
         host.set_request_header(name, None).map_err(internal)?;
     }
     Ok(())

@@ -692,7 +692,11 @@ async fn run_case(
             "upstream SNI {:?}",
             got.sni
         );
-        for stripped in ["x-forwarded-client-cert", "x-forwarded-host"] {
+        for stripped in [
+            "x-forwarded-client-cert",
+            "x-forwarded-host",
+            "proxy-authorization",
+        ] {
             ensure!(got.header(stripped).is_none(), "upstream saw {stripped}");
         }
         let authorization = got.header_values("authorization");

@@ -361,6 +361,7 @@ fn concurrent_requests_share_one_call_out_and_resume_with_the_token() {
         );
         assert_eq!(host.header(id, "x-forwarded-client-cert"), Some(None));
         assert_eq!(host.header(id, "x-forwarded-host"), Some(None));
+        assert_eq!(host.header(id, "proxy-authorization"), Some(None));
     }
     assert_eq!(host.tick_period.get(), Duration::ZERO, "idle: no tick");
     assert_eq!(host.logged("azgate.token_fetch"), 1);

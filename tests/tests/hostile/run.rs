@@ -427,7 +427,11 @@ pub(crate) fn check_forwarded(
         "upstream SNI {:?}",
         got.sni
     );
-    for stripped in ["x-forwarded-client-cert", "x-forwarded-host"] {
+    for stripped in [
+        "x-forwarded-client-cert",
+        "x-forwarded-host",
+        "proxy-authorization",
+    ] {
         ensure!(got.header(stripped).is_none(), "upstream saw {stripped}");
     }
     let authorization = got.header_values("authorization");
