@@ -44,7 +44,7 @@ impl ConfigError {
     }
 }
 
-pub(crate) fn error(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+fn error(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::new(field, message)
 }
 

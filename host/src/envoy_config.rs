@@ -637,13 +637,14 @@ fn socket_address(address: SocketAddr) -> Value {
     json!({"socket_address": {"address": address.ip().to_string(), "port_value": address.port()}})
 }
 
+/// A protobuf `Duration` in Envoy's YAML form, from milliseconds.
 fn duration(ms: u64) -> String {
     format!("{}s", ms as f64 / 1000.0)
 }
 
-/// A protobuf `Duration` in Envoy's YAML form.
+/// [`duration`] of a `Duration` (whole milliseconds, as `azgate.yaml` gives them).
 fn seconds(duration: std::time::Duration) -> String {
-    format!("{}s", duration.as_secs_f64())
+    self::duration(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
