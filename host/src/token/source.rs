@@ -523,16 +523,15 @@ pub(crate) fn parse_response(response: &Response<Bytes>) -> Result<FetchedToken,
         ));
     }
     // The one rule set for token answers, shared with the filter.
-    let token = azgate_filter::imds::parse_token_body(response.body(), unix_now_i64())
-        .map_err(|error| TokenError::MalformedResponse(error.to_string()))?;
+    let token = azgate_filter::imds::parse_token_body(
+        response.body(),
+        i64::try_from(unix_now()).unwrap_or(i64::MAX),
+    )
+    .map_err(|error| TokenError::MalformedResponse(error.to_string()))?;
     Ok(FetchedToken {
         secret: Secret::new(token.secret),
         expires_on: u64::try_from(token.expires_on).unwrap_or_default(),
     })
-}
-
-fn unix_now_i64() -> i64 {
-    i64::try_from(unix_now()).unwrap_or(i64::MAX)
 }
 
 /// `(error code, description)` from IMDS (`error`/`error_description`), Entra (same plus
