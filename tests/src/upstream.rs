@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow, ensure};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
@@ -49,6 +49,55 @@ impl Seen {
     /// The first value of a header.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.header_values(name).first().copied()
+    }
+
+    /// Checks what every granted request must look like upstream: sent to `host` (Host and
+    /// SNI), none of the headers meant for azgate, and exactly one credential: a Bearer MSI
+    /// token (not the caller's `caller_jwt`) for `resource` and the managed identity `identity`.
+    pub fn check_granted(
+        &self,
+        host: &str,
+        resource: &str,
+        identity: &str,
+        caller_jwt: Option<&str>,
+    ) -> Result<()> {
+        ensure!(
+            self.header("host") == Some(host),
+            "upstream host {:?}, expected {host}",
+            self.header("host")
+        );
+        ensure!(
+            self.sni.as_deref() == Some(host),
+            "upstream SNI {:?}",
+            self.sni
+        );
+        for stripped in [
+            "x-forwarded-client-cert",
+            "x-forwarded-host",
+            "proxy-authorization",
+        ] {
+            ensure!(self.header(stripped).is_none(), "upstream saw {stripped}");
+        }
+        let authorization = self.header_values("authorization");
+        ensure!(
+            authorization.len() == 1,
+            "upstream authorization {authorization:?}"
+        );
+        let msi = authorization[0]
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| anyhow!("upstream authorization is not Bearer"))?;
+        ensure!(Some(msi) != caller_jwt, "the caller's JWT was forwarded");
+        let claims =
+            crate::jwt::payload(msi).ok_or_else(|| anyhow!("upstream token is not a JWT"))?;
+        ensure!(claims["aud"] == resource, "MSI token aud {}", claims["aud"]);
+        ensure!(
+            claims["xms_mirid"]
+                .as_str()
+                .is_some_and(|m| m.eq_ignore_ascii_case(identity)),
+            "MSI token for {}, expected {identity}",
+            claims["xms_mirid"]
+        );
+        Ok(())
     }
 }
 

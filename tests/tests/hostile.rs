@@ -19,7 +19,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use azgate_tests::hostile_pki::{CertSpec, HostileKey, HostilePki, KeyChoice, Minted};
-use azgate_tests::jwt;
 use azgate_tests::raw::{self, Answer, ClientIdentity, H1Conn, H2Conn, H2Request, Response};
 use azgate_tests::topology::{Options, Runtime, Topology};
 use base64::Engine;
