@@ -19,3 +19,31 @@ pub fn runner_runtime() -> std::io::Result<std::sync::Arc<tokio::runtime::Runtim
         .build()
         .map(std::sync::Arc::new)
 }
+
+/// Replaces each `"$name"` in the `azure_identities` (allow and deny) of a suite file's `roles`
+/// with the identity `name` maps to in its `identities` object, as the scenario and hostile
+/// suites write roles; an unknown name is an error.
+pub fn expand_identity_references(suite: &mut serde_json::Value) -> anyhow::Result<()> {
+    let identities: std::collections::HashMap<String, String> =
+        serde_json::from_value(suite["identities"].clone())?;
+    let Some(roles) = suite["roles"].as_array_mut() else {
+        return Ok(());
+    };
+    for role in roles {
+        for side in ["allow", "deny"] {
+            let Some(ids) = role["spec"][side]["azure_identities"].as_array_mut() else {
+                continue;
+            };
+            for id in ids {
+                if let Some(name) = id.as_str().and_then(|s| s.strip_prefix('$')) {
+                    *id = identities
+                        .get(name)
+                        .cloned()
+                        .ok_or_else(|| anyhow::anyhow!("unknown identity ${name}"))?
+                        .into();
+                }
+            }
+        }
+    }
+    Ok(())
+}

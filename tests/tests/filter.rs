@@ -395,25 +395,7 @@ fn load_suite() -> Result<Suite> {
     let path = topology::repo_root().join("tests/cases/filter.json");
     let text = std::fs::read_to_string(&path)?;
     let mut value: serde_json::Value = serde_json::from_str(&text)?;
-    // Expand "$name" identity references in roles.
-    let identities: HashMap<String, String> = serde_json::from_value(value["identities"].clone())?;
-    if let Some(roles) = value["roles"].as_array_mut() {
-        for role in roles {
-            for side in ["allow", "deny"] {
-                if let Some(ids) = role["spec"][side]["azure_identities"].as_array_mut() {
-                    for id in ids {
-                        if let Some(name) = id.as_str().and_then(|s| s.strip_prefix('$')) {
-                            *id = identities
-                                .get(name)
-                                .cloned()
-                                .ok_or_else(|| anyhow!("unknown identity ${name}"))?
-                                .into();
-                        }
-                    }
-                }
-            }
-        }
-    }
+    azgate_tests::expand_identity_references(&mut value)?;
     Ok(serde_json::from_value(value)?)
 }
 

@@ -349,25 +349,7 @@ pub(crate) fn load_suite() -> Result<Suite> {
     let dir = azgate_tests::topology::repo_root().join("tests/cases/hostile");
     let suite_text = std::fs::read_to_string(dir.join("suite.json")).context("suite.json")?;
     let mut suite_value: serde_json::Value = serde_json::from_str(&suite_text)?;
-    let identities: HashMap<String, String> =
-        serde_json::from_value(suite_value["identities"].clone())?;
-    if let Some(roles) = suite_value["roles"].as_array_mut() {
-        for role in roles {
-            for side in ["allow", "deny"] {
-                if let Some(ids) = role["spec"][side]["azure_identities"].as_array_mut() {
-                    for id in ids {
-                        if let Some(name) = id.as_str().and_then(|s| s.strip_prefix('$')) {
-                            *id = identities
-                                .get(name)
-                                .cloned()
-                                .ok_or_else(|| anyhow!("unknown identity ${name}"))?
-                                .into();
-                        }
-                    }
-                }
-            }
-        }
-    }
+    azgate_tests::expand_identity_references(&mut suite_value)?;
     let suite_file: SuiteFile = serde_json::from_value(suite_value)?;
     let mut names: Vec<_> = std::fs::read_dir(&dir)?
         .filter_map(|e| e.ok())
