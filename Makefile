@@ -81,12 +81,25 @@ run: wasm
 	$(CARGO) build -p azgate
 	$(CARGO) run -q -p azgate-tests --example demo
 
-## Requests per second through azgate serve, Envoy and a bare hyper proxy, side by side.
-BENCH_ARGS ?= --seconds 10 --connections 32
-bench: wasm envoy
+## What a request costs through each gateway (azgate serve with and without the filter,
+## Envoy router-only, with the filter, with native jwt_authn; a bare hyper proxy; the upstream
+## directly), from interleaved rounds; writes bench/results.json, bench/results.png,
+## BENCHMARKS.md and the README's ratio block. Not part of `make test`.
+BENCH_ARGS ?=
+BENCH_VENV := .tools/bench-venv
+bench: wasm envoy $(BENCH_VENV)/bin/python
 	$(CARGO) build --profile host -p azgate
 	$(CARGO) build --profile host -p azgate-tests --example bench
-	AZGATE_BIN=target/host/azgate target/host/examples/bench $(BENCH_ARGS)
+	AZGATE_BIN=target/host/azgate AZGATE_BENCH_PYTHON=$(BENCH_VENV)/bin/python target/host/examples/bench $(BENCH_ARGS)
+
+## Criterion micro-benchmarks of the filter's hot path, natively (bench/micro).
+.PHONY: bench-micro
+bench-micro:
+	$(CARGO) bench -p azgate-microbench
+
+$(BENCH_VENV)/bin/python:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check "matplotlib==3.9.*"
 
 ## The hostile corpus (tests/cases/hostile/) on serve, Envoy and the rendered Envoy config: 0
 ## failures, 0 forwarded tokens for refused cases, 0 traps, 0 5xx, 0 hangs, counts printed.

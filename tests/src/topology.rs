@@ -144,6 +144,12 @@ pub struct Options {
     pub role_files: Vec<PathBuf>,
     /// `filter.lock_files` of `azgate.yaml`, likewise.
     pub lock_files: Vec<PathBuf>,
+    /// Also a plain-HTTP listener with `plaintext_behind_trusted_front` (serve and the rendered
+    /// Envoy config; the plain test Envoy ignores it): the client sends XFCC as a TLS front
+    /// would.
+    pub plaintext_listener: bool,
+    /// `filter.cache_dir` of `azgate.yaml` (compiled code kept across starts); `None`: none.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Options {
@@ -177,6 +183,9 @@ pub struct Gateway {
     pub lenient: SocketAddr,
     /// The admin endpoint: Envoy's admin interface, or serve's `/ready` and `/metrics`.
     pub admin: SocketAddr,
+    /// The plain-HTTP trusted-front listener, when [`Options::plaintext_listener`] asked for it
+    /// and the runtime has one.
+    pub plain: Option<SocketAddr>,
     child: Child,
     /// `azgate token-service`, for the rendered Envoy configuration.
     token_service: Option<Child>,
@@ -206,7 +215,8 @@ impl Topology {
     ) -> Result<Self> {
         let imds = Emulator::start("127.0.0.1:0".parse()?).await?;
         let gateway_cert = ca.server(&["localhost"])?;
-        let gateway = Gateway::start(runtime, &ca, &gateway_cert, &imds, &azure, &options).await?;
+        let gateway =
+            Gateway::start(runtime, &ca, &gateway_cert, &imds, azure.addr(), &options).await?;
         Ok(Self {
             ca,
             imds,
@@ -257,19 +267,20 @@ impl Topology {
 }
 
 impl Gateway {
-    /// Starts the gateway; again (with new ports) if a port picked free was taken by another
+    /// Starts the gateway in front of `upstream` (which serves a certificate from `ca` for
+    /// [`AZURE_HOSTS`]); again (with new ports) if a port picked free was taken by another
     /// process before the gateway bound it, which loopback tests running in parallel can cause.
-    async fn start(
+    pub async fn start(
         runtime: Runtime,
         ca: &TestCa,
         gateway_cert: &Issued,
         imds: &Emulator,
-        azure: &FakeAzure,
+        upstream: SocketAddr,
         options: &Options,
     ) -> Result<Self> {
         let mut attempt = 1;
         loop {
-            match Self::start_once(runtime, ca, gateway_cert, imds, azure, options).await {
+            match Self::start_once(runtime, ca, gateway_cert, imds, upstream, options).await {
                 Err(error)
                     if attempt < 3 && format!("{error:#}").contains("Address already in use") =>
                 {
@@ -286,7 +297,7 @@ impl Gateway {
         ca: &TestCa,
         gateway_cert: &Issued,
         imds: &Emulator,
-        azure: &FakeAzure,
+        upstream: SocketAddr,
         options: &Options,
     ) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!(
@@ -306,16 +317,21 @@ impl Gateway {
         let mtls = free_port()?;
         let lenient = free_port()?;
         let admin = free_port()?;
+        let plain = match (runtime, options.plaintext_listener) {
+            (Runtime::Serve | Runtime::EnvoyRendered, true) => Some(free_port()?),
+            _ => None,
+        };
         let ports = Ports {
             mtls,
             lenient,
             admin,
+            plain,
         };
         let mut token_service = None;
         let mut policy_watcher = None;
         let mut command = match runtime {
-            Runtime::Envoy => envoy_command(&dir, &ports, imds, azure, options).await?,
-            Runtime::Serve => serve_command(&dir, &ports, imds, azure, options).await?,
+            Runtime::Envoy => envoy_command(&dir, &ports, imds, upstream, options).await?,
+            Runtime::Serve => serve_command(&dir, &ports, imds, upstream, options).await?,
             Runtime::EnvoyRendered => {
                 let token_service_address = if options.in_process_token_service {
                     let (child, address) = start_token_service(&dir, imds).await?;
@@ -329,7 +345,7 @@ impl Gateway {
                     &dir,
                     &ports,
                     imds,
-                    azure,
+                    upstream,
                     options,
                     &token_service_address,
                 )
@@ -353,6 +369,7 @@ impl Gateway {
             mtls,
             lenient,
             admin,
+            plain,
             child,
             token_service,
             policy_watcher,
@@ -369,6 +386,7 @@ struct Ports {
     mtls: SocketAddr,
     lenient: SocketAddr,
     admin: SocketAddr,
+    plain: Option<SocketAddr>,
 }
 
 /// Envoy with `envoy/test-topology.yaml`.
@@ -376,7 +394,7 @@ async fn envoy_command(
     dir: &Path,
     ports: &Ports,
     imds: &Emulator,
-    azure: &FakeAzure,
+    upstream: SocketAddr,
     options: &Options,
 ) -> Result<Command> {
     let (mtls, lenient, admin) = (ports.mtls, ports.lenient, ports.admin);
@@ -388,7 +406,7 @@ async fn envoy_command(
         .replace("${LENIENT_PORT}", &lenient.port().to_string())
         .replace("${ADMIN_PORT}", &admin.port().to_string())
         .replace("${IMDS_PORT}", &imds.local_addr().port().to_string())
-        .replace("${UPSTREAM_PORT}", &azure.addr().port().to_string())
+        .replace("${UPSTREAM_PORT}", &upstream.port().to_string())
         .replace("${CERT_DIR}", &dir.display().to_string())
         .replace("${WASM_PATH}", &options.wasm_path()?.display().to_string())
         .replace("${PLUGIN_CONFIG}", &serde_json::to_string(plugin_config)?)
@@ -432,10 +450,10 @@ async fn serve_command(
     dir: &Path,
     ports: &Ports,
     imds: &Emulator,
-    azure: &FakeAzure,
+    upstream: SocketAddr,
     options: &Options,
 ) -> Result<Command> {
-    let config_path = write_azgate_yaml(dir, ports, imds, azure, options).await?;
+    let config_path = write_azgate_yaml(dir, ports, imds, upstream, options).await?;
     let mut command = Command::new(azgate_binary()?);
     command
         .arg("serve")
@@ -450,11 +468,11 @@ async fn rendered_envoy_command(
     dir: &Path,
     ports: &Ports,
     imds: &Emulator,
-    azure: &FakeAzure,
+    upstream: SocketAddr,
     options: &Options,
     token_service_address: &str,
 ) -> Result<Command> {
-    let config_path = write_azgate_yaml(dir, ports, imds, azure, options).await?;
+    let config_path = write_azgate_yaml(dir, ports, imds, upstream, options).await?;
     let envoy_config = render_envoy_config(&config_path, token_service_address).await?;
     let mut command = Command::new(envoy_binary()?);
     command
@@ -557,7 +575,7 @@ async fn write_azgate_yaml(
     dir: &Path,
     ports: &Ports,
     imds: &Emulator,
-    azure: &FakeAzure,
+    upstream: SocketAddr,
     options: &Options,
 ) -> Result<PathBuf> {
     let resolve: serde_json::Map<String, serde_json::Value> = [
@@ -573,7 +591,7 @@ async fn write_azgate_yaml(
         NOT_IN_CERTIFICATE,
     ]
     .iter()
-    .map(|host| (host.to_string(), azure.addr().to_string().into()))
+    .map(|host| (host.to_string(), upstream.to_string().into()))
     .collect();
     // The plugin configuration goes in as YAML data; text that is not JSON is passed as a
     // string, which the filter refuses just as Envoy's copy would.
@@ -610,6 +628,13 @@ async fn write_azgate_yaml(
         {"name": "azgate_mtls", "address": ports.mtls.to_string(), "tls": tls(false)},
         {"name": "azgate_lenient", "address": ports.lenient.to_string(), "tls": tls(true)},
     ]);
+    if let (Some(plain), Some(listeners)) = (ports.plain, listeners.as_array_mut()) {
+        listeners.push(serde_json::json!({
+            "name": "azgate_plain",
+            "address": plain.to_string(),
+            "plaintext_behind_trusted_front": true,
+        }));
+    }
     if let (Some(timeout), Some(listeners)) = (options.request_timeout_ms, listeners.as_array_mut())
     {
         for listener in listeners {
@@ -625,6 +650,7 @@ async fn write_azgate_yaml(
             "config": plugin,
             "role_files": options.role_files,
             "lock_files": options.lock_files,
+            "cache_dir": options.cache_dir,
         },
         "clusters": clusters,
         "token_source": {"source": "imds", "imds_endpoint": format!("http://{}", imds.local_addr())},
@@ -653,9 +679,20 @@ impl Gateway {
             {
                 return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Often enough that a start's duration can be read off it (the bench's cold start).
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         bail!("gateway not ready after 60 s:\n{}", self.log_tail())
+    }
+
+    /// The operating-system processes that do the gateway's work: the gateway, and the token
+    /// service when it is a separate process.
+    pub fn pids(&self) -> Vec<u32> {
+        [Some(&self.child), self.token_service.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter_map(Child::id)
+            .collect()
     }
 
     /// The gateway's log so far.
@@ -728,7 +765,7 @@ pub async fn start_expecting_failure(runtime: Runtime, plugin_config: &str) -> R
         &ca,
         &ca.server(&["localhost"])?,
         &imds,
-        &azure,
+        azure.addr(),
         &options,
     )
     .await
