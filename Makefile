@@ -88,8 +88,8 @@ run: wasm
 BENCH_ARGS ?=
 BENCH_VENV := .tools/bench-venv
 bench: wasm envoy $(BENCH_VENV)/bin/python
-	$(CARGO) build --profile host -p azgate
-	$(CARGO) build --profile host -p azgate-tests --example bench
+	@# One invocation, so both share one feature resolution (two would rebuild each other's crates).
+	$(CARGO) build --profile host -p azgate -p azgate-tests --bin azgate --example bench
 	AZGATE_BIN=target/host/azgate AZGATE_BENCH_PYTHON=$(BENCH_VENV)/bin/python target/host/examples/bench $(BENCH_ARGS)
 
 ## Criterion micro-benchmarks of the filter's hot path, natively (bench/micro).

@@ -34,6 +34,10 @@ pub(crate) struct Run {
     /// The load generator's (this process's) CPU per request.
     pub(crate) load_cpu_us_per_req: f64,
     pub(crate) upstream_cpu_us_per_req: f64,
+    /// The larger steal time of the two cores in the window, as a fraction of the window.
+    pub(crate) steal: f64,
+    /// Windows it took to get one with little steal (see `Bench::measure`).
+    pub(crate) attempts: usize,
 }
 
 impl Run {
@@ -45,6 +49,7 @@ impl Run {
         mut window: Window,
         ticks: (u64, u64, u64),
         peak_rss: u64,
+        steal: f64,
     ) -> Self {
         window.latencies_us.sort_unstable();
         let requests = window.latencies_us.len();
@@ -72,6 +77,8 @@ impl Run {
             rss_mb: gateway.then(|| peak_rss as f64 / (1024.0 * 1024.0)),
             load_cpu_us_per_req: per_request(ticks.1),
             upstream_cpu_us_per_req: per_request(ticks.2),
+            steal,
+            attempts: 1,
         }
     }
 
@@ -79,7 +86,7 @@ impl Run {
     pub(crate) fn line(&self) -> String {
         format!(
             "round {} {:<15} {:<5} {:>8.0} req/s  p50 {:>7.0} us  p99 {:>7.0} us  cpu {:>6} us/req  \
-             rss {:>6} MB  load {:>5.1} us/req  upstream {:>5.1} us/req",
+             rss {:>6} MB  load {:>5.1} us/req  upstream {:>5.1} us/req  steal {:>4.1} %",
             self.round,
             self.config.key(),
             self.mode.key(),
@@ -91,6 +98,7 @@ impl Run {
             self.rss_mb.map_or("-".into(), |v| format!("{v:.1}")),
             self.load_cpu_us_per_req,
             self.upstream_cpu_us_per_req,
+            self.steal * 100.0,
         )
     }
 
@@ -101,6 +109,7 @@ impl Run {
             "p99_us": self.p99_us, "cpu_us_per_req": self.cpu_us_per_req,
             "rss_mb": self.rss_mb, "load_cpu_us_per_req": self.load_cpu_us_per_req,
             "upstream_cpu_us_per_req": self.upstream_cpu_us_per_req,
+            "steal": self.steal, "attempts": self.attempts,
         })
     }
 }
@@ -306,7 +315,7 @@ impl Report {
                 "rounds": args.rounds, "seconds": args.seconds, "warmup_seconds": args.warmup,
                 "connections": args.connections,
                 "gateway_cpu": crate::gateway_cpu(), "load_cpu": crate::LOAD_CPU,
-                "gateway_workers": 1,
+                "gateway_workers": 1, "max_steal": args.max_steal,
             }),
             command_line: args.command_line.clone(),
         }
@@ -525,7 +534,9 @@ impl Report {
              the MSI token is cached: the steady state. Each gateway has one worker and is pinned \
              with its token service to CPU {gateway_cpu}; the load generator, the upstream (a \
              hyper TLS server answering `{{\"value\":[]}}`) and the IMDS emulator are pinned to \
-             CPU {load_cpu}. *CPU µs/req* is utime + stime of the configuration's processes \
+             CPU {load_cpu}. A window in which the hypervisor's steal time on either core \
+             exceeded {max_steal} % is measured again, up to 4 windows ({retried} of {windows} \
+             windows were). *CPU µs/req* is utime + stime of the configuration's processes \
              (`/proc/<pid>/stat`, every thread; for (f) also `azgate token-service`) over the window \
              divided by the requests answered in it; *peak RSS* is the largest VmRSS sampled every \
              100 ms in the window (gateway + token service). The load generator's and the upstream's \
@@ -553,6 +564,19 @@ impl Report {
             connections = settings["connections"],
             gateway_cpu = settings["gateway_cpu"].as_str().unwrap_or("?"),
             load_cpu = settings["load_cpu"].as_str().unwrap_or("?"),
+            max_steal = settings["max_steal"].as_f64().unwrap_or(0.0) * 100.0,
+            retried = self
+                .runs
+                .iter()
+                .filter(|r| r.round > 0)
+                .map(|r| r.attempts - 1)
+                .sum::<usize>(),
+            windows = self
+                .runs
+                .iter()
+                .filter(|r| r.round > 0)
+                .map(|r| r.attempts)
+                .sum::<usize>(),
             table = self.table(),
             ratios = self.ratio_table(),
         );
