@@ -22,6 +22,7 @@ def main(source, target):
     for cell in cells.values():
         if cell["label"] not in labels:
             labels.append(cell["label"])
+    labels.sort()  # "(a) …" to "(g) …": the configurations in report order
     modes = ["mtls", "plain"]
     width = 0.38
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))

@@ -52,17 +52,16 @@ fn main() -> ExitCode {
         Command::Az(_) => "warn",
         _ => "info",
     };
-    // Log lines are written by a background thread, so request paths do not wait on (or share a
-    // lock over) stderr; not lossy, because audit lines must never be dropped (a full buffer
-    // applies back-pressure instead). The guard flushes what is left when main returns.
-    let (writer, _flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        // Buffered: the writer thread flushes whenever its queue runs dry, so a burst of
-        // lines costs one write instead of one per line, and nothing waits longer than that.
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
+    // Log lines (audit lines among them) are batched and written by a background thread, so
+    // request paths neither wait on stderr nor wake a thread per line; never lossy (a full
+    // buffer holds producers back). The guard writes what is left when main returns.
+    let (writer, _flush_on_exit) = match azgate::log_sink::batched(std::io::stderr()) {
+        Ok(sink) => sink,
+        Err(error) => {
+            eprintln!("azgate: cannot start the log writer: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("AZGATE_LOG").unwrap_or_else(|_| EnvFilter::new(default_level)),

@@ -539,7 +539,8 @@ impl Bench {
         loop {
             let mut run = self.measure_once(target, mode, round, args).await?;
             run.attempts = attempt;
-            if run.steal <= args.max_steal || attempt == ATTEMPTS {
+            // The untimed warm-up pass (round 0) is not measured again.
+            if run.steal <= args.max_steal || attempt == ATTEMPTS || round == 0 {
                 return Ok(run);
             }
             eprintln!(
