@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use azgate_tests::topology::{self, Gateway, Runtime};
+use azgate_tests::topology::{self, Runtime};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 
@@ -98,15 +98,7 @@ async fn start_once(
         ..bench.gateway_options(None)
     };
     let started = Instant::now();
-    let gateway = Gateway::start(
-        runtime,
-        &bench.ca,
-        &bench.gateway_cert,
-        &bench.imds,
-        bench.upstream.first,
-        &options,
-    )
-    .await?;
+    let gateway = bench.start_gateway(runtime, &options).await?;
     let ready = started.elapsed();
     let endpoint = bench.endpoint(gateway.mtls, Mode::Mtls, "localhost")?;
     load::open_idle(&endpoint, &bench.request(Mode::Mtls)?, 1).await?;
@@ -118,15 +110,9 @@ async fn start_once(
 /// RSS (MB) of a fresh `runtime` after one request, and with [`IDLE_CONNECTIONS`] mTLS
 /// connections open and idle (each has answered one request).
 async fn idle_connections(bench: &Bench, runtime: Runtime) -> Result<(f64, f64)> {
-    let gateway = Gateway::start(
-        runtime,
-        &bench.ca,
-        &bench.gateway_cert,
-        &bench.imds,
-        bench.upstream.first,
-        &bench.gateway_options(None),
-    )
-    .await?;
+    let gateway = bench
+        .start_gateway(runtime, &bench.gateway_options(None))
+        .await?;
     let endpoint = bench.endpoint(gateway.mtls, Mode::Mtls, "localhost")?;
     let shape = bench.request(Mode::Mtls)?;
     let first = load::open_idle(&endpoint, &shape, 1).await?;

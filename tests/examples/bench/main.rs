@@ -197,7 +197,20 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    tokio::task::LocalSet::new().block_on(&runtime, conduct(args))
+    tokio::task::LocalSet::new().block_on(&runtime, until_interrupted(conduct(args)))
+}
+
+/// Runs `work` unless SIGINT or SIGTERM comes first; then `work` is dropped, and with it every
+/// child process (they are killed on drop), so an interrupted bench leaves no gateway behind.
+async fn until_interrupted(work: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    tokio::select! {
+        done = work => done,
+        _ = interrupt.recv() => bail!("interrupted"),
+        _ = terminate.recv() => bail!("terminated"),
+    }
 }
 
 /// Everything the rounds need, started once.
@@ -367,18 +380,29 @@ impl Bench {
         }
     }
 
+    /// A `runtime` gateway with `options` in front of the bench upstream.
+    pub(crate) async fn start_gateway(
+        &self,
+        runtime: Runtime,
+        options: &Options,
+    ) -> Result<Gateway> {
+        Gateway::start(
+            runtime,
+            &self.ca,
+            &self.gateway_cert,
+            &self.imds,
+            self.upstream.first,
+            options,
+        )
+        .await
+    }
+
     async fn start(&self, config: Config) -> Result<Running> {
         let upstream_tls = self.upstream.first;
         let gateway = |runtime, wasm| async move {
-            let gateway = Gateway::start(
-                runtime,
-                &self.ca,
-                &self.gateway_cert,
-                &self.imds,
-                upstream_tls,
-                &self.gateway_options(wasm),
-            )
-            .await?;
+            let gateway = self
+                .start_gateway(runtime, &self.gateway_options(wasm))
+                .await?;
             let plain = gateway.plain.context("the gateway has no plain listener")?;
             Ok::<_, anyhow::Error>(Running {
                 config,

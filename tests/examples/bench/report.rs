@@ -239,6 +239,16 @@ impl Ratio {
         )
     }
 
+    /// `| description | client | median [min–max]× |`, a table row without its target.
+    fn row(&self) -> String {
+        format!(
+            "| {} | {} | {}× |",
+            self.describe(),
+            self.mode.key(),
+            self.spread.show(2)
+        )
+    }
+
     fn describe(&self) -> String {
         match self.measure {
             Measure::Throughput => format!("{} ÷ {}, requests/s", self.a.label(), self.b.label()),
@@ -395,13 +405,7 @@ impl Report {
                 };
                 format!("≥ {t}× ({met})")
             });
-            let _ = writeln!(
-                out,
-                "| {} | {} | {}× | {target} |",
-                ratio.describe(),
-                ratio.mode.key(),
-                ratio.spread.show(2)
-            );
+            let _ = writeln!(out, "{} {target} |", ratio.row());
         }
         for (mode, serve, envoy) in &self.filter_costs {
             if let Some(serve) = serve {
@@ -593,13 +597,7 @@ impl Report {
              | ratio | client | value |\n|---|---|---|\n",
         );
         for ratio in &self.ratios {
-            let _ = writeln!(
-                out,
-                "| {} | {} | {}× |",
-                ratio.describe(),
-                ratio.mode.key(),
-                ratio.spread.show(2)
-            );
+            let _ = writeln!(out, "{}", ratio.row());
         }
         out
     }
