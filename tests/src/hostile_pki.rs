@@ -466,9 +466,14 @@ impl HostilePki {
             key: leaf_key,
             der: leaf_der,
         };
-        // The attacker's self-signed "admin" certificate, whose PEM the SAN-injection cases
-        // smuggle into XFCC; its key signs the attacker's JWTs.
-        let attacker = pki.mint(&CertSpec {
+        pki.attacker_pem = pki.attacker()?.cert_pem.clone();
+        Ok(pki)
+    }
+
+    /// The attacker's self-signed "admin" certificate, whose PEM the SAN-injection cases
+    /// smuggle into XFCC and whose key signs the attacker's JWTs (minted once, then cached).
+    pub fn attacker(&self) -> Result<Arc<Minted>> {
+        self.mint(&CertSpec {
             issuer: Issuer::SelfSigned,
             key: KeyChoice("p256:attacker".into()),
             cn: Some("mallory".into()),
@@ -476,9 +481,7 @@ impl HostilePki {
             identity: Some("admin".into()),
             allowed: vec!["admin".into()],
             ..CertSpec::default()
-        })?;
-        pki.attacker_pem = attacker.cert_pem.clone();
-        Ok(pki)
+        })
     }
 
     /// The attacker's self-signed admin certificate, PEM.

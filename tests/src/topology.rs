@@ -240,6 +240,15 @@ impl Topology {
         Ok(builder.build()?)
     }
 
+    /// Token requests the IMDS emulator received for `resource`.
+    pub fn imds_calls_for(&self, resource: &str) -> usize {
+        self.imds
+            .requests()
+            .iter()
+            .filter(|r| r.query_param("resource").as_deref() == Some(resource))
+            .count()
+    }
+
     /// What tsh would send for `caller`: `GET <path>` to Resource Manager through the gateway,
     /// with a proof-of-possession token for it signed by the caller's key. Returns the status
     /// and the `x-azgate-error` code (empty when there is none).

@@ -505,15 +505,6 @@ fn token(cert: Option<&Issued>, auth: &AuthCase, resource: &str) -> Result<Strin
     jwt::sign(&key, &alg, &claims)
 }
 
-fn imds_calls_for(topology: &Topology, resource: &str) -> usize {
-    topology
-        .imds
-        .requests()
-        .iter()
-        .filter(|r| r.query_param("resource").as_deref() == Some(resource))
-        .count()
-}
-
 /// Sends one case's request and checks everything the case expects.
 async fn run_case(
     topology: &Topology,
@@ -585,7 +576,7 @@ async fn run_case(
     if let Some(body) = &case.body {
         request = request.body(body.clone());
     }
-    let imds_before = imds_calls_for(topology, &resource);
+    let imds_before = topology.imds_calls_for(&resource);
     let response = request.send().await.context("request failed")?;
     let status = response.status().as_u16();
     let error_header = response
@@ -675,10 +666,10 @@ async fn run_case(
         }
     }
     if let Some(calls) = case.expect.imds_calls {
-        let made = imds_calls_for(topology, &resource) - imds_before;
+        let made = topology.imds_calls_for(&resource) - imds_before;
         ensure!(made == calls, "{made} IMDS calls, expected {calls}");
     } else {
-        let made = imds_calls_for(topology, &resource) - imds_before;
+        let made = topology.imds_calls_for(&resource) - imds_before;
         ensure!(made == 0, "a refused request made {made} IMDS calls");
     }
     Ok(())

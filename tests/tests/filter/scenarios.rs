@@ -80,7 +80,7 @@ async fn single_flight(topology: &Topology, suite: &Suite) -> Result<()> {
         let status = task.await??;
         ensure!(status == 200, "a concurrent request got {status}");
     }
-    let calls = imds_calls_for(topology, resource);
+    let calls = topology.imds_calls_for(resource);
     ensure!(
         calls == 1,
         "50 concurrent first requests made {calls} IMDS calls"
@@ -95,7 +95,7 @@ async fn expiry(topology: &Topology, suite: &Suite) -> Result<()> {
     let cert = issue(topology, suite, &CertCase::default())?;
     ensure!(allowed_get(topology, &cert, resource, "/expiry/1").await? == 200);
     ensure!(allowed_get(topology, &cert, resource, "/expiry/2").await? == 200);
-    let calls = imds_calls_for(topology, resource);
+    let calls = topology.imds_calls_for(resource);
     ensure!(
         calls == 1,
         "a fresh cached token was fetched again ({calls} calls)"
@@ -103,7 +103,7 @@ async fn expiry(topology: &Topology, suite: &Suite) -> Result<()> {
     // A 4 s token is served for half its life, then fetched again.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     ensure!(allowed_get(topology, &cert, resource, "/expiry/3").await? == 200);
-    let calls = imds_calls_for(topology, resource);
+    let calls = topology.imds_calls_for(resource);
     ensure!(
         calls == 2,
         "an expired cached token was not fetched again ({calls} calls)"
@@ -124,7 +124,7 @@ async fn claims_challenge(topology: &Topology, suite: &Suite) -> Result<()> {
     ensure!(allowed_get(topology, &cert, resource, "/cae/first").await? == 200);
     ensure!(allowed_get(topology, &cert, resource, "/cae/cached").await? == 200);
     ensure!(
-        imds_calls_for(topology, resource) == 1,
+        topology.imds_calls_for(resource) == 1,
         "one fetch, then the cache"
     );
     let first = msi_of("/cae/first").context("upstream saw /cae/first")?;
@@ -162,7 +162,7 @@ async fn claims_challenge(topology: &Topology, suite: &Suite) -> Result<()> {
         ensure!(msi != first, "{path} carried the revoked token");
     }
     ensure!(
-        imds_calls_for(topology, resource) == 2,
+        topology.imds_calls_for(resource) == 2,
         "one fetch after the revocation"
     );
     let refetch = topology
@@ -364,7 +364,7 @@ async fn in_process_tokens(topology: &Topology, suite: &Suite) -> Result<()> {
         let status = allowed_get(topology, &cert, resource, &format!("/in-process/{n}")).await?;
         ensure!(status == 200, "status {status}");
     }
-    let calls = imds_calls_for(topology, resource);
+    let calls = topology.imds_calls_for(resource);
     ensure!(calls == 1, "{calls} IMDS calls for three requests");
     let seen = topology.azure.seen_with_path("/in-process/");
     let token = seen

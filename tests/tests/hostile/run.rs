@@ -374,15 +374,6 @@ pub(crate) fn seen_for(topology: &Topology, marker: &str) -> Vec<azgate_tests::u
         .collect()
 }
 
-pub(crate) fn imds_calls_for(topology: &Topology, resource: &str) -> usize {
-    topology
-        .imds
-        .requests()
-        .iter()
-        .filter(|r| r.query_param("resource").as_deref() == Some(resource))
-        .count()
-}
-
 pub(crate) fn check_forwarded(
     topology: &Topology,
     suite: &Suite,
@@ -517,7 +508,7 @@ pub(crate) async fn run_case(
     };
     let request = build_request(case, topology, pki, token.as_deref(), &resource)?;
     let identity = minted.as_deref().map(client_identity).transpose()?;
-    let imds_before = imds_calls_for(topology, &resource);
+    let imds_before = topology.imds_calls_for(&resource);
     let attempt = tokio::time::timeout(CASE_DEADLINE, async {
         match open(
             topology,
@@ -606,7 +597,7 @@ pub(crate) async fn run_case(
         // forwarded, token.
         if matches!(hit, Expect::Refused { code, .. } if !GATEWAY_BODY_REFUSALS.contains(&code.as_str()))
         {
-            let made = imds_calls_for(topology, &resource) - imds_before;
+            let made = topology.imds_calls_for(&resource) - imds_before;
             ensure!(
                 made == 0,
                 "refused ({described}) but made {made} IMDS calls"

@@ -223,15 +223,7 @@ pub(crate) fn make_token(
         (Some("other_rsa"), _) => key_for("rsa2048:other")?,
         (Some(other), _) => bail!("unknown signer {other:?}"),
     };
-    let attacker_cert = pki.mint(&CertSpec {
-        issuer: azgate_tests::hostile_pki::Issuer::SelfSigned,
-        key: KeyChoice("p256:attacker".into()),
-        cn: Some("mallory".into()),
-        o: vec!["azure-admin".into()],
-        identity: Some("admin".into()),
-        allowed: vec!["admin".into()],
-        ..CertSpec::default()
-    })?;
+    let attacker_cert = pki.attacker()?;
     let alg = spec
         .alg
         .clone()
