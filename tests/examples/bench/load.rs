@@ -149,25 +149,26 @@ async fn connect(endpoint: &Endpoint) -> Result<Sender> {
         .await
         .with_context(|| format!("connecting to {}", endpoint.addr))?;
     tcp.set_nodelay(true)?;
-    let sender = match &endpoint.tls {
+    match &endpoint.tls {
         Some(tls) => {
             let name = rustls::pki_types::ServerName::try_from(endpoint.server_name.clone())?;
             let stream = tokio_rustls::TlsConnector::from(tls.clone())
                 .connect(name, tcp)
                 .await
                 .context("TLS handshake")?;
-            let (sender, connection) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-            tokio::task::spawn_local(connection);
-            sender
+            http1(stream).await
         }
-        None => {
-            let (sender, connection) =
-                hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-            tokio::task::spawn_local(connection);
-            sender
-        }
-    };
+        None => http1(tcp).await,
+    }
+}
+
+/// An HTTP/1.1 client over `io`, its connection driven by a local task.
+async fn http1<Io>(io: Io) -> Result<Sender>
+where
+    Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::task::spawn_local(connection);
     Ok(sender)
 }
 

@@ -112,6 +112,7 @@ impl Mode {
     }
 }
 
+#[derive(Clone)]
 pub(crate) struct Args {
     pub(crate) rounds: usize,
     pub(crate) seconds: f64,
@@ -179,7 +180,8 @@ fn parse_args(argv: &[String]) -> Result<Args> {
 /// The core the gateways (and their token services) run on; the load, the upstream and the
 /// emulator run on [`LOAD_CPU`]. On a machine with one core both are 0.
 fn gateway_cpu() -> &'static str {
-    if procfs::online_cpus() >= 2 { "1" } else { "0" }
+    static CPU: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    CPU.get_or_init(|| if procfs::online_cpus() >= 2 { "1" } else { "0" })
 }
 const LOAD_CPU: &str = "0";
 
@@ -276,12 +278,12 @@ async fn conduct(args: Args) -> Result<()> {
         .flat_map(|i| Mode::ALL.into_iter().map(move |mode| (i, mode)))
         .collect();
     // Untimed first pass: tokens fetched and cached, code warm, every path proven to answer 200.
+    let quick = Args {
+        seconds: 0.5,
+        warmup: 0.5,
+        ..args.clone()
+    };
     for &(i, mode) in &cases {
-        let quick = Args {
-            seconds: 0.5,
-            warmup: 0.5,
-            ..args.clone_for_warmup()
-        };
         bench.measure(&running[i], mode, 0, &quick).await?;
     }
     let mut runs = Vec::new();
@@ -303,23 +305,6 @@ async fn conduct(args: Args) -> Result<()> {
     report.write(&args)?;
     drop(running);
     Ok(())
-}
-
-impl Args {
-    fn clone_for_warmup(&self) -> Args {
-        Args {
-            rounds: 1,
-            seconds: self.seconds,
-            warmup: self.warmup,
-            connections: self.connections,
-            only: None,
-            out: self.out.clone(),
-            docs: false,
-            extras: false,
-            max_steal: self.max_steal,
-            command_line: String::new(),
-        }
-    }
 }
 
 impl Bench {

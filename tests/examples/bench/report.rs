@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::OnceLock;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -12,11 +11,6 @@ use serde_json::{Value, json};
 use crate::extras::Extras;
 use crate::load::Window;
 use crate::{Args, Config, Mode, procfs};
-
-fn ticks_per_second() -> u64 {
-    static TICKS: OnceLock<u64> = OnceLock::new();
-    *TICKS.get_or_init(procfs::clock_ticks_per_second)
-}
 
 /// One configuration measured once.
 pub(crate) struct Run {
@@ -54,7 +48,7 @@ impl Run {
         window.latencies_us.sort_unstable();
         let requests = window.latencies_us.len();
         let per_request = |ticks: u64| {
-            procfs::ticks_to_duration(ticks, ticks_per_second()).as_secs_f64() * 1e6
+            procfs::ticks_to_duration(ticks, procfs::clock_ticks_per_second()).as_secs_f64() * 1e6
                 / requests.max(1) as f64
         };
         let quantile = |q: f64| {
