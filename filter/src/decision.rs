@@ -111,36 +111,64 @@ impl AuditFields {
             }
             Err(refusal) => ("deny", refusal.code(), refusal.status()),
         };
-        let mut line = serde_json::json!({
-            "event": "azgate.request",
-            "decision": decision,
-            "code": code,
-            "user": self.user,
-            "roles": self.roles,
-            "identity": self.identity,
-            "target": self.target,
-            "resource": self.resource,
-            "method": self.method,
-            "path": self.path,
-        });
-        if status != 0 {
-            line["status"] = status.into();
-        }
-        if let Some(lock) = &self.lock {
-            line["lock"] = lock.as_str().into();
-        }
-        if let Some(cached) = self.token_cached {
-            line["token_cached"] = cached.into();
-        }
-        if let Some(upstream) = &self.upstream {
-            line["status"] = upstream.status.into();
-            line["upstream_status"] = upstream.status.into();
-            line["duration_ms"] = upstream.duration_ms.into();
-            line["x_ms_request_id"] = upstream.request_id.clone().into();
-            line["x_ms_correlation_request_id"] = upstream.correlation_id.clone().into();
-        }
-        line.to_string()
+        let upstream = self.upstream.as_ref();
+        let line = AuditLine {
+            code,
+            decision,
+            duration_ms: upstream.map(|u| u.duration_ms),
+            event: "azgate.request",
+            identity: self.identity.as_deref(),
+            lock: self.lock.as_deref(),
+            method: &self.method,
+            path: &self.path,
+            resource: self.resource.as_deref(),
+            roles: &self.roles,
+            // Azure's status once known, else the refusal's (none for a request not answered).
+            status: upstream
+                .map(|u| u32::from(u.status))
+                .or((status != 0).then_some(status)),
+            target: self.target.as_deref(),
+            token_cached: self.token_cached,
+            upstream_status: upstream.map(|u| u.status),
+            user: self.user.as_deref(),
+            x_ms_correlation_request_id: upstream.map(|u| u.correlation_id.as_deref()),
+            x_ms_request_id: upstream.map(|u| u.request_id.as_deref()),
+        };
+        // Serialising borrowed strings, integers and booleans cannot fail.
+        serde_json::to_string(&line).unwrap_or_default()
     }
+}
+
+/// The audit line as written: serialised straight from borrowed fields (no intermediate JSON
+/// value: this runs for every request). Fields are in alphabetical order, the order consumers
+/// of earlier lines saw; `None` of an optional field leaves the key out, `null` means "not
+/// known" for the fields every line carries.
+#[derive(serde::Serialize)]
+struct AuditLine<'a> {
+    code: &'a str,
+    decision: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration_ms: Option<i64>,
+    event: &'a str,
+    identity: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lock: Option<&'a str>,
+    method: &'a str,
+    path: &'a str,
+    resource: Option<&'a str>,
+    roles: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<u32>,
+    target: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_cached: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_status: Option<u16>,
+    user: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    x_ms_correlation_request_id: Option<Option<&'a str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    x_ms_request_id: Option<Option<&'a str>>,
 }
 
 /// Remembers parsed certificates (by their exact XFCC header value, so a hit skips splitting
@@ -564,5 +592,48 @@ mod tests {
         assert_eq!(cache.len(), 2);
         assert!(!cache.claims.contains_key(tokens[0].as_str()));
         assert!(cache.claims.contains_key(tokens[2].as_str()));
+    }
+
+    /// The audit line's exact bytes: keys in alphabetical order, `null` for what is not known,
+    /// optional keys only when they apply; Azure's status replaces the refusal's.
+    #[test]
+    fn audit_lines_have_a_fixed_shape() {
+        let refused = AuditFields {
+            user: Some("alice".into()),
+            roles: vec!["azure-reader".into(), "dev".into()],
+            method: "GET".into(),
+            path: "/subscriptions".into(),
+            lock: Some("incident-42".into()),
+            ..Default::default()
+        };
+        let refusal = Refusal::Locked("locked".into());
+        assert_eq!(
+            refused.line(Err(&refusal)),
+            format!(
+                r#"{{"code":"{}","decision":"deny","event":"azgate.request","identity":null,"lock":"incident-42","method":"GET","path":"/subscriptions","resource":null,"roles":["azure-reader","dev"],"status":{},"target":null,"user":"alice"}}"#,
+                refusal.code(),
+                refusal.status()
+            )
+        );
+        let forwarded = AuditFields {
+            user: Some("bob \"q\"".into()),
+            identity: Some("/subscriptions/s/x".into()),
+            target: Some("management.azure.com".into()),
+            resource: Some("https://management.azure.com/".into()),
+            method: "PUT".into(),
+            path: "/p".into(),
+            token_cached: Some(true),
+            upstream: Some(UpstreamFields {
+                status: 201,
+                request_id: Some("r-1".into()),
+                correlation_id: None,
+                duration_ms: 7,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            forwarded.line(Ok(())),
+            r#"{"code":"Allowed","decision":"allow","duration_ms":7,"event":"azgate.request","identity":"/subscriptions/s/x","method":"PUT","path":"/p","resource":"https://management.azure.com/","roles":[],"status":201,"target":"management.azure.com","token_cached":true,"upstream_status":201,"user":"bob \"q\"","x_ms_correlation_request_id":null,"x_ms_request_id":"r-1"}"#
+        );
     }
 }
