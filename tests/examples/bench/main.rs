@@ -19,7 +19,7 @@
 //! rotated order, so slow drift of the shared host lands on all configurations alike; ratios
 //! are taken within a round, then the median over rounds.
 //!
-//! `bench [--rounds 7] [--seconds 4] [--warmup 1] [--connections 16] [--max-steal 0.02]
+//! `bench [--rounds 12] [--seconds 2.5] [--warmup 0.5] [--connections 16] [--max-steal 0.02]
 //!  [--only serve,envoy-filter] [--out bench] [--no-docs] [--no-extras]`; the Makefile builds the `.wasm`, Envoy and a `host`-profile
 //! `azgate` and sets `AZGATE_BIN`.
 
@@ -129,9 +129,9 @@ pub(crate) struct Args {
 
 fn parse_args(argv: &[String]) -> Result<Args> {
     let mut args = Args {
-        rounds: 7,
-        seconds: 4.0,
-        warmup: 1.0,
+        rounds: 12,
+        seconds: 2.5,
+        warmup: 0.5,
         connections: 16,
         only: None,
         out: topology::repo_root().join("bench"),
@@ -274,9 +274,7 @@ async fn conduct(args: Args) -> Result<()> {
         args.connections,
         gateway_cpu(),
     );
-    let cases: Vec<(usize, Mode)> = (0..running.len())
-        .flat_map(|i| Mode::ALL.into_iter().map(move |mode| (i, mode)))
-        .collect();
+    let cases = measuring_order(&running);
     // Untimed first pass: tokens fetched and cached, code warm, every path proven to answer 200.
     let quick = Args {
         seconds: 0.5,
@@ -626,6 +624,33 @@ impl Bench {
             steal,
         ))
     }
+}
+
+/// The order of one round: every configuration of one mode, then of the other, each with the
+/// partners of its ratios beside it (c–d, d–f, f–e; b two steps from d), so the two members
+/// of a ratio are measured seconds apart and the host's drift between them stays small.
+/// Rounds rotate this cycle, which keeps neighbours neighbours.
+fn measuring_order(running: &[Running]) -> Vec<(usize, Mode)> {
+    const CYCLE: [Config; 7] = [
+        Config::Direct,
+        Config::BareHyper,
+        Config::ServeNoFilter,
+        Config::Serve,
+        Config::EnvoyFilter,
+        Config::EnvoyRouter,
+        Config::EnvoyJwt,
+    ];
+    Mode::ALL
+        .into_iter()
+        .flat_map(|mode| {
+            CYCLE.into_iter().filter_map(move |config| {
+                running
+                    .iter()
+                    .position(|r| r.config == config)
+                    .map(|i| (i, mode))
+            })
+        })
+        .collect()
 }
 
 /// Waits for Envoy's admin `/ready`.

@@ -524,7 +524,9 @@ impl Report {
              **Machine:** {cpus} × {model}, Linux {kernel}; the host is shared with other work, so \
              absolute figures drift within minutes — compare ratios, which are taken within a round.\n\n\
              **Method.** {rounds} interleaved rounds; a round runs every configuration once for \
-             {seconds} s (after {warmup} s of warm-up), each round in a rotated order. The load is \
+             {seconds} s (after {warmup} s of warm-up), in an order that puts the two members of \
+             each ratio side by side (all of one client mode, then the other), rotated by one each \
+             round. The load is \
              {connections} closed-loop HTTP/1.1 keep-alive connections from one thread of the bench \
              process; every request is an allowed `az`-style call (the user's proof-of-possession \
              JWT, `X-Forwarded-Host: management.azure.com`; with mTLS the Teleport app certificate, \
