@@ -15,9 +15,10 @@
 //!
 //! Every gateway runs at once (idle ones cost nothing) with one worker, pinned with its token
 //! service to one core; the load generator (this process, one thread), the upstream and the
-//! IMDS emulator share the other. A round runs every configuration once, each round in a
-//! rotated order, so slow drift of the shared host lands on all configurations alike; ratios
-//! are taken within a round, then the median over rounds.
+//! IMDS emulator share the other. A round runs every configuration once, the two members of
+//! each ratio side by side ([`measuring_order`]), each round rotated by one, so slow drift of
+//! the shared host lands on all configurations alike; ratios are taken within a round, then
+//! the median over rounds.
 //!
 //! `bench [--rounds 12] [--seconds 2.5] [--warmup 0.5] [--connections 16] [--max-steal 0.02]
 //!  [--only serve,envoy-filter] [--out bench] [--no-docs] [--no-extras]`; the Makefile builds the `.wasm`, Envoy and a `host`-profile
