@@ -32,6 +32,9 @@ enum Command {
     /// reads (mTLS, XFCC SANITIZE_SET, the filter fail-closed, a dynamic forward proxy to Azure,
     /// token clusters to `azgate token-service`, JSON access log, connection limits).
     EnvoyConfig(gateway::EnvoyConfigArgs),
+    /// Compile the filter into a compiled-code cache (`filter.cache_dir`) and exit; `azgate
+    /// serve` then loads it from there. Serve runs this itself at every start.
+    CompileFilter(gateway::CompileFilterArgs),
     /// Dev CA for Teleport-format app certificates: `init`, `issue`, `server`.
     #[command(subcommand)]
     Ca(pki::CaCommand),
@@ -96,6 +99,7 @@ async fn run(command: Command) -> cli::CliResult<Option<i32>> {
         Command::TokenService(args) => token_service::run(*args).await?,
         Command::Serve(args) => gateway::serve(args).await?,
         Command::EnvoyConfig(args) => gateway::envoy_config(args)?,
+        Command::CompileFilter(args) => gateway::compile_filter(args)?,
         Command::Ca(command) => pki::ca(command)?,
         Command::Identities(args) => pki::identities(args)?,
         Command::Proxy(workstation::ProxyCommand::Azure(args)) => {

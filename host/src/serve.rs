@@ -5,6 +5,7 @@
 //! accept on it in turn. Call-outs to `token_service` clusters are answered in-process by the
 //! token module. SIGTERM/SIGINT stop accepting and drain in-flight requests.
 
+mod compiled_code;
 mod connection;
 mod error;
 mod http1_guard;
@@ -27,6 +28,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use tokio::sync::watch;
 
+pub use compiled_code::Compiler;
 pub use error::ServeError;
 pub use stats::WorkerStats;
 
@@ -40,7 +42,15 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Runs the gateway until SIGTERM or SIGINT.
 pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let running = start(config, stop_rx).await?;
+    // This binary compiles the filter in a child of itself (see `compiled_code`).
+    let compiler = match std::env::current_exe() {
+        Ok(program) => Compiler::ChildProcess(program),
+        Err(error) => {
+            tracing::warn!(%error, "own executable not found; compiling the filter in this process");
+            Compiler::InProcess
+        }
+    };
+    let running = start_with(config, stop_rx, compiler).await?;
     shutdown_signal().await;
     tracing::info!("stopping: no new connections; draining in-flight requests");
     let _ = stop_tx.send(true);
@@ -51,21 +61,33 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
 /// A started gateway.
 pub struct Running {
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// The private compiled-code cache, removed once every worker has stopped.
+    _code_cache: Option<compiled_code::PrivateDir>,
 }
 
 impl Running {
     /// Waits for every worker to drain and stop.
-    pub async fn join(self) {
-        for thread in self.threads {
+    pub async fn join(mut self) {
+        for thread in std::mem::take(&mut self.threads) {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
     }
 }
 
-/// Starts listeners, workers and the admin listener; stops when `stop` becomes true.
+/// Starts listeners, workers and the admin listener, compiling the filter in this process;
+/// stops when `stop` becomes true.
 pub async fn start(
     config: ServeConfig,
     stop: watch::Receiver<bool>,
+) -> Result<Running, ServeError> {
+    start_with(config, stop, Compiler::InProcess).await
+}
+
+/// [`start`], with the filter compiled by `compiler`.
+pub async fn start_with(
+    config: ServeConfig,
+    stop: watch::Receiver<bool>,
+    compiler: Compiler,
 ) -> Result<Running, ServeError> {
     let wasm = std::fs::read(&config.filter.path).map_err(|e| {
         ServeError::Config(format!("filter.path {}: {e}", config.filter.path.display()))
@@ -107,6 +129,9 @@ pub async fn start(
         token_clusters,
         addresses,
     ));
+    let compile_started = Instant::now();
+    let code_cache =
+        compiled_code::prepare(&compiler, config.filter.cache_dir.as_deref(), &wasm).await;
     let options = PluginOptions {
         name: config.filter.name.clone(),
         root_id: config.filter.root_id.clone(),
@@ -115,9 +140,8 @@ pub async fn start(
         vm_config: Vec::new(),
         clusters: clusters.names(),
         log_level: 2,
-        cache_dir: config.filter.cache_dir.clone(),
+        cache_dir: code_cache.dir.clone(),
     };
-    let compile_started = Instant::now();
     let plugin = Arc::new(
         Plugin::load(&wasm, options, SharedStores::default()).map_err(ServeError::Filter)?,
     );
@@ -125,6 +149,7 @@ pub async fn start(
     drop(plugin.start_vm().map_err(ServeError::Filter)?);
     tracing::info!(
         elapsed_ms = compile_started.elapsed().as_millis() as u64,
+        compiled_by = code_cache.source.name(),
         "filter loaded"
     );
 
@@ -220,7 +245,10 @@ pub async fn start(
             stop.clone(),
         ));
     }
-    Ok(Running { threads })
+    Ok(Running {
+        threads,
+        _code_cache: code_cache.private,
+    })
 }
 
 /// One listening socket per worker on `address`, all with `SO_REUSEPORT`, so the kernel spreads

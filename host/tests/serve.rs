@@ -541,3 +541,55 @@ async fn stopping_refuses_new_connections_and_drains_requests_in_flight() {
         .expect("workers stop once drained");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The private compiled-code directories of this test process.
+fn private_code_dirs() -> Vec<std::path::PathBuf> {
+    let prefix = format!("azgate-serve-code-{}-", std::process::id());
+    let mut found: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_azgate_binary_compiles_the_filter_in_a_child_into_a_private_cache() {
+    let dir = temp_dir("child-compile");
+    std::fs::write(dir.join("filter.wasm"), wat::parse_str(FILTER).unwrap()).unwrap();
+    let (listen, admin) = (free_port(), free_port());
+    let path = write_config(
+        &dir,
+        &format!(
+            "workers: 1\nlisteners:\n  - name: front\n    address: {listen}\n    plaintext_behind_trusted_front: true\n\
+             admin:\n  address: {admin}\nfilter:\n  path: filter.wasm\n"
+        ),
+    );
+    assert!(private_code_dirs().is_empty());
+    let config = ServeConfig::load(&path).expect("valid configuration");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let compiler = azgate::serve::Compiler::ChildProcess(env!("CARGO_BIN_EXE_azgate").into());
+    let running = azgate::serve::start_with(config, stop_rx, compiler)
+        .await
+        .expect("gateway starts");
+    // The child wrote the compiled module into a directory only this user can enter.
+    let private = private_code_dirs();
+    assert_eq!(private.len(), 1, "{private:?}");
+    let modules: Vec<_> = std::fs::read_dir(private[0].join("modules"))
+        .expect("the child filled the cache")
+        .collect();
+    assert_eq!(modules.len(), 1);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&private[0]).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o700);
+    assert_eq!(get(&format!("http://{listen}/a"), &[]).await.0, 201);
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), running.join())
+        .await
+        .expect("workers stop after the stop signal");
+    assert!(private_code_dirs().is_empty(), "removed when serve stops");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,7 +1,7 @@
 //! A plugin (one compiled module, one `Linker`, shared by every worker) and its VMs (one
 //! `Store` and instance per worker thread, as Envoy runs one VM per worker).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -57,6 +57,23 @@ pub struct Plugin {
 
 static NEXT_VM: AtomicU64 = AtomicU64::new(1);
 
+/// The one engine configuration: [`Plugin::load`] and [`Plugin::compile_into_cache`] must agree
+/// on it, since the cache keys compiled code by it.
+fn engine(cache_dir: Option<&Path>) -> Result<Engine, HostError> {
+    let mut config = Config::new();
+    if let Some(dir) = cache_dir {
+        let mut cache = wasmtime::CacheConfig::new();
+        cache.with_directory(dir);
+        let cache = wasmtime::Cache::new(cache).map_err(|e| HostError::Compile(e.to_string()))?;
+        config.cache(Some(cache));
+    }
+    if std::env::var_os("AZGATE_WASM_PERFMAP").is_some() {
+        // `perf` can then name the filter's functions (/tmp/perf-<pid>.map).
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
+    Engine::new(&config).map_err(|e| HostError::Compile(e.to_string()))
+}
+
 /// The root context id every VM uses (Envoy also gives each VM's root context its own id).
 const ROOT_CONTEXT: u32 = 1;
 
@@ -67,19 +84,7 @@ impl Plugin {
         options: PluginOptions,
         stores: SharedStores,
     ) -> Result<Self, HostError> {
-        let mut config = Config::new();
-        if let Some(dir) = &options.cache_dir {
-            let mut cache = wasmtime::CacheConfig::new();
-            cache.with_directory(dir);
-            let cache =
-                wasmtime::Cache::new(cache).map_err(|e| HostError::Compile(e.to_string()))?;
-            config.cache(Some(cache));
-        }
-        if std::env::var_os("AZGATE_WASM_PERFMAP").is_some() {
-            // `perf` can then name the filter's functions (/tmp/perf-<pid>.map).
-            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
-        }
-        let engine = Engine::new(&config).map_err(|e| HostError::Compile(e.to_string()))?;
+        let engine = engine(options.cache_dir.as_deref())?;
         let module =
             Module::new(&engine, wasm).map_err(|e| HostError::Compile(format!("{e:#}")))?;
         let abi_marker = module.exports().any(|e| {
@@ -116,6 +121,17 @@ impl Plugin {
                 metrics: stores.metrics,
             }),
         })
+    }
+
+    /// Compiles `wasm` into the compiled-code cache at `cache_dir` and nothing else, so that a
+    /// later [`Plugin::load`] with that `cache_dir` finds the code there and does not compile.
+    /// Meant for a short-lived process: glibc keeps the compiler's freed memory in its arenas
+    /// (tens of MB for the azgate filter), and a long-running host that never compiles never
+    /// holds it.
+    pub fn compile_into_cache(wasm: &[u8], cache_dir: &Path) -> Result<(), HostError> {
+        let engine = engine(Some(cache_dir))?;
+        Module::new(&engine, wasm).map_err(|e| HostError::Compile(format!("{e:#}")))?;
+        Ok(())
     }
 
     /// Starts a VM: instantiate, `_initialize` (or `_start`), root context, `proxy_on_vm_start`,

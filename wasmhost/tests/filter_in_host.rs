@@ -83,3 +83,59 @@ fn a_request_without_certificate_gets_the_filters_local_response() {
     vm.finish_stream(id).expect("finished without trap");
     assert!(vm.open_streams().is_empty());
 }
+
+/// The compiled modules in the cache at `dir` (not its usage counters, `*.stats`, nor the
+/// cleanup marker its background worker writes).
+fn cached_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.join("modules")];
+    while let Some(at) = pending.pop() {
+        for entry in std::fs::read_dir(&at).expect("readable cache directory") {
+            let path = entry.expect("a directory entry").path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_none_or(|e| e != "stats") {
+                found.push(path);
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+#[test]
+fn code_compiled_into_the_cache_is_what_a_later_load_uses() {
+    let dir = std::env::temp_dir().join(format!("azgate-wasmhost-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let wasm = filter_wasm();
+    Plugin::compile_into_cache(&wasm, &dir).expect("the filter compiles");
+    let compiled = cached_files(&dir);
+    assert_eq!(compiled.len(), 1, "one compiled module: {compiled:?}");
+    let inodes = |files: &[std::path::PathBuf]| {
+        use std::os::unix::fs::MetadataExt as _;
+        files
+            .iter()
+            .map(|f| std::fs::metadata(f).expect("a cached file").ino())
+            .collect::<Vec<_>>()
+    };
+    let before = inodes(&compiled);
+    let plugin = Plugin::load(
+        &wasm,
+        PluginOptions {
+            cache_dir: Some(dir.clone()),
+            ..options(r#"{"roles": []}"#)
+        },
+        SharedStores::default(),
+    )
+    .expect("the cached code loads");
+    plugin.start_vm().expect("the VM starts from cached code");
+    // A miss would have compiled again and written another entry (another key: an engine
+    // configured differently) or replaced this one (a new file: another inode).
+    assert_eq!(cached_files(&dir), compiled);
+    assert_eq!(inodes(&compiled), before);
+    // Other bytes are another module: not found, compiled, cached beside the first.
+    let other = common::built_wasm("AZGATE_PROBE_WASM", "azgate_probe.wasm", "probe");
+    Plugin::compile_into_cache(&other, &dir).expect("the probe compiles");
+    assert_eq!(cached_files(&dir).len(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -42,6 +42,37 @@ pub(crate) struct EnvoyConfigArgs {
     pub(crate) watch: bool,
 }
 
+/// Compile the filter into a compiled-code cache and exit.
+#[derive(Args, Debug)]
+pub(crate) struct CompileFilterArgs {
+    /// The filter module (`-`: standard input).
+    #[arg(long)]
+    pub(crate) wasm: PathBuf,
+    /// The cache directory (`filter.cache_dir` of `azgate.yaml`).
+    #[arg(long)]
+    pub(crate) cache_dir: PathBuf,
+}
+
+/// Compiles the module into the cache; a cached module is left as it is.
+pub(crate) fn compile_filter(args: CompileFilterArgs) -> CliResult<()> {
+    let started = std::time::Instant::now();
+    let wasm = if args.wasm.as_os_str() == "-" {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)
+            .map_err(|e| format!("standard input: {e}"))?;
+        bytes
+    } else {
+        std::fs::read(&args.wasm).map_err(|e| format!("{}: {e}", args.wasm.display()))?
+    };
+    azgate_wasmhost::Plugin::compile_into_cache(&wasm, &args.cache_dir)?;
+    tracing::info!(
+        cache_dir = %args.cache_dir.display(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "filter compiled into the cache"
+    );
+    Ok(())
+}
+
 /// Runs the gateway until SIGINT/SIGTERM (then drains).
 pub(crate) async fn serve(args: ServeArgs) -> CliResult<()> {
     let config =

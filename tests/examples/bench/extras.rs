@@ -67,11 +67,24 @@ async fn measure_unpinned(bench: &Bench, args: &Args) -> Result<Extras> {
         starts.push((what, ready, first));
     }
     let mut idle_memory = Vec::new();
-    for (what, runtime) in [
-        ("azgate serve + filter", Runtime::Serve),
-        ("Envoy + filter (rendered config)", Runtime::EnvoyRendered),
+    for (what, runtime, cache_dir) in [
+        (
+            "azgate serve + filter, no compiled code cached",
+            Runtime::Serve,
+            None,
+        ),
+        (
+            "azgate serve + filter, compiled-code cache warm",
+            Runtime::Serve,
+            Some(cache),
+        ),
+        (
+            "Envoy + filter (rendered config)",
+            Runtime::EnvoyRendered,
+            None,
+        ),
     ] {
-        let (idle, loaded) = idle_connections(bench, runtime).await?;
+        let (idle, loaded) = idle_connections(bench, runtime, cache_dir).await?;
         idle_memory.push((what, idle, loaded));
     }
     let (token_service_rps, token_service_cpu_us_per_req, cold_upstream_calls, cold_all_ms) =
@@ -108,11 +121,18 @@ async fn start_once(
 }
 
 /// RSS (MB) of a fresh `runtime` after one request, and with [`IDLE_CONNECTIONS`] mTLS
-/// connections open and idle (each has answered one request).
-async fn idle_connections(bench: &Bench, runtime: Runtime) -> Result<(f64, f64)> {
-    let gateway = bench
-        .start_gateway(runtime, &bench.gateway_options(None))
-        .await?;
+/// connections open and idle (each has answered one request). `cache_dir`: serve's compiled-code
+/// cache (`None`: it compiles the module itself).
+async fn idle_connections(
+    bench: &Bench,
+    runtime: Runtime,
+    cache_dir: Option<std::path::PathBuf>,
+) -> Result<(f64, f64)> {
+    let options = topology::Options {
+        cache_dir,
+        ..bench.gateway_options(None)
+    };
+    let gateway = bench.start_gateway(runtime, &options).await?;
     let endpoint = bench.endpoint(gateway.mtls, Mode::Mtls, "localhost")?;
     let shape = bench.request(Mode::Mtls)?;
     let first = load::open_idle(&endpoint, &shape, 1).await?;
