@@ -181,9 +181,9 @@ pub struct VerificationCache {
     capacity: usize,
     /// Token → (fingerprint of the certificate it verified under, its claims). Keyed by the
     /// whole token, compared in full: no hash stands in for it.
-    claims: HashMap<Rc<str>, ([u8; 32], Claims)>,
+    claims: HashMap<Rc<str>, ([u8; 32], Claims), EdgeHashing>,
     order: VecDeque<Rc<str>>,
-    certificates: HashMap<String, Rc<AppIdentity>>,
+    certificates: HashMap<String, Rc<AppIdentity>, EdgeHashing>,
     certificate_order: VecDeque<String>,
 }
 
@@ -252,6 +252,46 @@ impl VerificationCache {
     /// True if nothing is remembered.
     pub fn is_empty(&self) -> bool {
         self.claims.is_empty()
+    }
+}
+
+/// Bytes hashed at each end of a [`VerificationCache`] key.
+const HASHED_EDGE: usize = 128;
+
+/// Hashing for [`VerificationCache`]'s keys: a key's length and its first and last
+/// [`HASHED_EDGE`] bytes, through the standard library's keyed SipHash. The keys are a ~3 KB
+/// XFCC value and a ~1 KB token, and hashing all of them was the costliest step of a lookup.
+/// Lookups still compare keys in full, so this only changes how keys spread over buckets; and
+/// keys that share both edges are rare and costly to make (an XFCC value is the front's, and
+/// a token ends in its signature), while only verified pairs are ever inserted, at most
+/// `capacity` of them.
+#[derive(Clone, Debug, Default)]
+struct EdgeHashing(std::hash::RandomState);
+
+impl std::hash::BuildHasher for EdgeHashing {
+    type Hasher = EdgeHasher;
+
+    fn build_hasher(&self) -> EdgeHasher {
+        EdgeHasher(self.0.build_hasher())
+    }
+}
+
+/// See [`EdgeHashing`].
+struct EdgeHasher(std::hash::DefaultHasher);
+
+impl std::hash::Hasher for EdgeHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.write_usize(bytes.len());
+        if bytes.len() <= 2 * HASHED_EDGE {
+            self.0.write(bytes);
+        } else {
+            self.0.write(&bytes[..HASHED_EDGE]);
+            self.0.write(&bytes[bytes.len() - HASHED_EDGE..]);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0.finish()
     }
 }
 
@@ -570,6 +610,33 @@ mod tests {
             cache.verify(&token, &impostor).unwrap_err().code(),
             "InvalidToken"
         );
+    }
+
+    #[test]
+    fn keys_that_share_their_hashed_edges_stay_apart() {
+        use std::hash::{BuildHasher, Hasher};
+        let hashing = EdgeHashing::default();
+        let hash = |bytes: &[u8]| {
+            let mut hasher = hashing.build_hasher();
+            hasher.write(bytes);
+            hasher.finish()
+        };
+        let edge = "e".repeat(HASHED_EDGE);
+        let (a, b) = (
+            format!("{edge}-middle-a-{edge}"),
+            format!("{edge}-middle-b-{edge}"),
+        );
+        // Same edges and length: one hash, but two keys (equality is the whole key).
+        assert_eq!(hash(a.as_bytes()), hash(b.as_bytes()));
+        let mut map: HashMap<String, u8, EdgeHashing> = HashMap::default();
+        map.insert(a.clone(), 1);
+        map.insert(b.clone(), 2);
+        assert_eq!((map.get(&a), map.get(&b)), (Some(&1), Some(&2)));
+        assert_eq!(map.get(&format!("{edge}-middle-c-{edge}")), None);
+        // Anything differing at an edge or in length hashes apart; short keys hash whole.
+        assert_ne!(hash(a.as_bytes()), hash(format!("x{a}").as_bytes()));
+        assert_ne!(hash(a.as_bytes()), hash(format!("{a}x").as_bytes()));
+        assert_ne!(hash(b"short-a"), hash(b"short-b"));
     }
 
     #[test]

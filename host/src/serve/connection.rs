@@ -23,7 +23,7 @@ pub(crate) struct Timeouts {
 pub(crate) struct Connection {
     pub(crate) peer: SocketAddr,
     pub(crate) local: SocketAddr,
-    pub(crate) certificate: Option<PeerCertificate>,
+    pub(crate) certificate: Option<Rc<PeerCertificate>>,
     pub(crate) tls: bool,
     /// Process-unique (`connection.id`).
     pub(crate) id: u64,

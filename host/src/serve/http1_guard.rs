@@ -397,7 +397,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Http1Guard<S> {
                 buf.put_slice(&ready[..n]);
                 this.out_start += n;
                 if this.out_start == this.out.len() {
-                    this.out.clear();
+                    // Freed, not kept: an idle keep-alive connection would otherwise hold its
+                    // largest head (a few KB) until it closes.
+                    this.out = Vec::new();
                     this.out_start = 0;
                 }
                 return Poll::Ready(Ok(()));

@@ -102,6 +102,7 @@ pub(crate) async fn serve_listener(
     let acceptor = spec.tls.map(TlsAcceptor::from);
     let local_subject = spec.local_subject;
     let timeouts = spec.timeouts;
+    let certificates = Rc::new(tls::PeerCertificates::default());
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -115,6 +116,7 @@ pub(crate) async fn serve_listener(
                 let local = tcp.local_addr().unwrap_or(peer);
                 let _ = tcp.set_nodelay(true);
                 let (worker, forwarding, acceptor) = (worker.clone(), forwarding.clone(), acceptor.clone());
+                let certificates = certificates.clone();
                 let local_subject = local_subject.clone();
                 tokio::task::spawn_local(async move {
                     let _slot = slot;
@@ -127,7 +129,7 @@ pub(crate) async fn serve_listener(
                                 .1
                                 .peer_certificates()
                                 .and_then(|chain| chain.first())
-                                .map(|der| tls::peer_certificate(der));
+                                .map(|der| certificates.get(der));
                             let tls_version = stream.get_ref().1.protocol_version().map(tls::version_name);
                             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
                             let verdicts = (!h2).then(|| Rc::new(Verdicts::default()));

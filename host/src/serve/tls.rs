@@ -2,6 +2,9 @@
 //! `x-forwarded-client-cert` value built from the verified peer certificate, in the format
 //! Envoy's `SANITIZE_SET` writes with only `cert` set (`Hash` and `Cert`).
 
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 
 use base64::Engine;
@@ -238,11 +241,15 @@ const XFCC_VALUE: &AsciiSet = &NON_ALPHANUMERIC
 /// URI and DNS are left out on purpose: they are text the certificate's holder chose, and a SAN
 /// such as `x;Cert="..."` written unescaped would add a second `Cert` key.
 pub(crate) fn peer_certificate(der: &[u8]) -> PeerCertificate {
-    let hash: String = ring::digest::digest(&ring::digest::SHA256, der)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    describe(
+        der,
+        ring::digest::digest(&ring::digest::SHA256, der).as_ref(),
+    )
+}
+
+/// [`peer_certificate`] with the SHA-256 of `der` already taken.
+fn describe(der: &[u8], sha256: &[u8]) -> PeerCertificate {
+    let hash: String = sha256.iter().map(|b| format!("{b:02x}")).collect();
     let body = base64::engine::general_purpose::STANDARD.encode(der);
     let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
     for line in body.as_bytes().chunks(64) {
@@ -260,6 +267,47 @@ pub(crate) fn peer_certificate(der: &[u8]) -> PeerCertificate {
         ),
         subject,
         sha256: hash,
+    }
+}
+
+/// The client certificates of one listener's open connections on one worker, by SHA-256 of
+/// their DER: a user's connections (az and the SDKs open several) share one description, with
+/// its ~3 KB XFCC value, instead of each holding a copy, and a reconnecting client's is not
+/// built again. An entry lives as long as a connection holds it.
+#[derive(Default)]
+pub(crate) struct PeerCertificates {
+    known: RefCell<HashMap<[u8; 32], Weak<PeerCertificate>>>,
+    /// Size at which entries whose connections all closed are dropped.
+    prune_at: Cell<usize>,
+}
+
+impl PeerCertificates {
+    /// Entries kept before the first pruning.
+    const FIRST_PRUNE: usize = 64;
+
+    /// The description of the certificate `der`, shared with the connections that have it.
+    pub(crate) fn get(&self, der: &[u8]) -> Rc<PeerCertificate> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, der);
+        let Ok(key) = <[u8; 32]>::try_from(digest.as_ref()) else {
+            // SHA-256 is 32 bytes; were it not, the certificate is just not shared.
+            return Rc::new(describe(der, digest.as_ref()));
+        };
+        let mut known = self.known.borrow_mut();
+        if let Some(shared) = known.get(&key).and_then(Weak::upgrade) {
+            return shared;
+        }
+        let described = Rc::new(describe(der, &key));
+        known.insert(key, Rc::downgrade(&described));
+        if known.len() >= self.prune_at.get().max(Self::FIRST_PRUNE) {
+            known.retain(|_, held| held.strong_count() > 0);
+            self.prune_at.set(2 * known.len());
+        }
+        described
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.known.borrow().len()
     }
 }
 
@@ -325,5 +373,53 @@ mod tests {
             .to_der()
             .unwrap();
         assert_eq!(round_trip, der);
+    }
+
+    fn server_der(ca: &CertificateAuthority, name: &str) -> Vec<u8> {
+        let key = AppKey::generate(KeyKind::P256).unwrap();
+        let now = SystemTime::now();
+        let pem = ca
+            .issue_server(
+                &[name],
+                &[],
+                key.public_key_info().unwrap(),
+                now - Duration::from_secs(60),
+                now + Duration::from_secs(600),
+            )
+            .unwrap();
+        x509_cert::Certificate::from_pem(pem.as_bytes())
+            .unwrap()
+            .to_der()
+            .unwrap()
+    }
+
+    #[test]
+    fn connections_with_one_certificate_share_its_description_while_any_is_open() {
+        let ca = CertificateAuthority::generate("share test", Duration::from_secs(3600)).unwrap();
+        let (alice, bob) = (server_der(&ca, "alice.test"), server_der(&ca, "bob.test"));
+        let table = PeerCertificates::default();
+        let first = table.get(&alice);
+        let second = table.get(&alice);
+        assert!(Rc::ptr_eq(&first, &second));
+        assert_eq!(first.xfcc, peer_certificate(&alice).xfcc);
+        let other = table.get(&bob);
+        assert!(!Rc::ptr_eq(&first, &other));
+        assert_eq!(other.subject, "CN=bob.test");
+        // Once every connection with it closed, a new one gets a fresh (equal) description.
+        drop((first, second));
+        let again = table.get(&alice);
+        assert_eq!(again.sha256, peer_certificate(&alice).sha256);
+        // Closed connections' entries are dropped as the table grows: it stays bounded by
+        // about twice the certificates in use.
+        for i in 0..3 * PeerCertificates::FIRST_PRUNE {
+            drop(table.get(&server_der(&ca, &format!("c{i}.test"))));
+        }
+        assert!(
+            table.len() <= PeerCertificates::FIRST_PRUNE,
+            "{}",
+            table.len()
+        );
+        assert!(Rc::ptr_eq(&again, &table.get(&alice)));
+        drop(other);
     }
 }

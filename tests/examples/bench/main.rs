@@ -20,7 +20,7 @@
 //! the shared host lands on all configurations alike; ratios are taken within a round, then
 //! the median over rounds.
 //!
-//! `bench [--rounds 12] [--seconds 2.5] [--warmup 0.5] [--connections 16] [--max-steal 0.02]
+//! `bench [--rounds 30] [--seconds 1.25] [--warmup 0.25] [--connections 16] [--max-steal 0.02]
 //!  [--only serve,envoy-filter] [--out bench] [--no-docs] [--no-extras]`; the Makefile builds the `.wasm`, Envoy and a `host`-profile
 //! `azgate` and sets `AZGATE_BIN`.
 
@@ -130,9 +130,9 @@ pub(crate) struct Args {
 
 fn parse_args(argv: &[String]) -> Result<Args> {
     let mut args = Args {
-        rounds: 12,
-        seconds: 2.5,
-        warmup: 0.5,
+        rounds: 30,
+        seconds: 1.25,
+        warmup: 0.25,
         connections: 16,
         only: None,
         out: topology::repo_root().join("bench"),
