@@ -61,16 +61,21 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
 /// A started gateway.
 pub struct Running {
     threads: Vec<std::thread::JoinHandle<()>>,
-    /// The private compiled-code cache, removed once every worker has stopped.
-    _code_cache: Option<compiled_code::PrivateDir>,
+    compiled_by: compiled_code::CodeSource,
 }
 
 impl Running {
     /// Waits for every worker to drain and stop.
-    pub async fn join(mut self) {
-        for thread in std::mem::take(&mut self.threads) {
+    pub async fn join(self) {
+        for thread in self.threads {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
+    }
+
+    /// Where the filter's code was compiled: `child process`, `compiled-code cache` (found
+    /// there, marked) or `this process`.
+    pub fn compiled_by(&self) -> &'static str {
+        self.compiled_by.name()
     }
 }
 
@@ -147,6 +152,9 @@ pub async fn start_with(
     );
     // Refuse to start on a configuration the filter refuses, before binding anything.
     drop(plugin.start_vm().map_err(ServeError::Filter)?);
+    // The code is in memory now and nothing reads a private cache again: removed at once, so
+    // a gateway that is killed leaves nothing behind.
+    drop(code_cache.private);
     tracing::info!(
         elapsed_ms = compile_started.elapsed().as_millis() as u64,
         compiled_by = code_cache.source.name(),
@@ -247,7 +255,7 @@ pub async fn start_with(
     }
     Ok(Running {
         threads,
-        _code_cache: code_cache.private,
+        compiled_by: code_cache.source,
     })
 }
 

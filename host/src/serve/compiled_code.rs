@@ -7,8 +7,8 @@
 //! gateway that never compiles never holds it.
 //!
 //! The cache is `filter.cache_dir` when configured, else a private directory (mode 0700, a
-//! random name under the temp directory) that lives as long as the gateway: wasmtime runs
-//! native code from the cache, so nobody else may write to it. With `filter.cache_dir`, a
+//! random name under the temp directory; wasmtime runs native code from the cache, so nobody
+//! else may write to it) that is removed as soon as the plugin has loaded. With `filter.cache_dir`, a
 //! marker named by the module's SHA-256 records that it was compiled there, so a start from a
 //! warm cache does not pay for a child; a marker the cache has outlived (wasmtime's cleanup
 //! removed the code) costs only the in-process compile it replaces.
@@ -33,7 +33,7 @@ pub enum Compiler {
 }
 
 /// The compiled-code cache the plugin loads from, and the private directory (if one was made)
-/// that must outlive the plugin.
+/// to remove once it has.
 pub(crate) struct CodeCache {
     pub(crate) dir: Option<PathBuf>,
     pub(crate) private: Option<PrivateDir>,
