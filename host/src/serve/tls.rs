@@ -237,17 +237,10 @@ const XFCC_VALUE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-/// Builds `Hash=<sha256>;Cert="<url-encoded PEM>"`, the only keys the filter reads. Subject,
-/// URI and DNS are left out on purpose: they are text the certificate's holder chose, and a SAN
-/// such as `x;Cert="..."` written unescaped would add a second `Cert` key.
-pub(crate) fn peer_certificate(der: &[u8]) -> PeerCertificate {
-    describe(
-        der,
-        ring::digest::digest(&ring::digest::SHA256, der).as_ref(),
-    )
-}
-
-/// [`peer_certificate`] with the SHA-256 of `der` already taken.
+/// Describes the certificate `der` whose SHA-256 is `sha256`. Its XFCC value is
+/// `Hash=<sha256>;Cert="<url-encoded PEM>"`, the only keys the filter reads. Subject, URI and
+/// DNS are left out on purpose: they are text the certificate's holder chose, and a SAN such as
+/// `x;Cert="..."` written unescaped would add a second `Cert` key.
 fn describe(der: &[u8], sha256: &[u8]) -> PeerCertificate {
     let hash: String = sha256.iter().map(|b| format!("{b:02x}")).collect();
     let body = base64::engine::general_purpose::STANDARD.encode(der);
@@ -314,6 +307,13 @@ impl PeerCertificates {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
+
+    fn peer_certificate(der: &[u8]) -> PeerCertificate {
+        describe(
+            der,
+            ring::digest::digest(&ring::digest::SHA256, der).as_ref(),
+        )
+    }
 
     use std::time::{Duration, SystemTime};
 
