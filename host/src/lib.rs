@@ -9,6 +9,7 @@
 pub mod config;
 pub mod envoy_config;
 mod hop_by_hop;
+pub mod log_line;
 pub mod log_sink;
 pub mod pki;
 pub mod serve;

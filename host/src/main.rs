@@ -71,6 +71,7 @@ fn main() -> ExitCode {
         )
         .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .event_format(azgate::log_line::LineFormat)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -29,8 +29,10 @@ pub(super) fn read(caller: &Ctx<'_>, ptr: i32, len: i32) -> wasmtime::Result<Vec
         .ok_or_else(|| format_err!("guest pointer/length out of bounds"))
 }
 
+/// [`read`], as text: invalid UTF-8 replaced by U+FFFD (copied once more only then).
 pub(super) fn read_string(caller: &Ctx<'_>, ptr: i32, len: i32) -> wasmtime::Result<String> {
-    Ok(String::from_utf8_lossy(&read(caller, ptr, len)?).into_owned())
+    Ok(String::from_utf8(read(caller, ptr, len)?)
+        .unwrap_or_else(|invalid| String::from_utf8_lossy(invalid.as_bytes()).into_owned()))
 }
 
 /// Writes `bytes` at `ptr` in guest memory.
