@@ -93,6 +93,20 @@ async fn get(url: &str, headers: &[(&str, &str)]) -> (u16, Vec<(String, String)>
 }
 
 /// Starts the gateway of `path` and waits until its admin listener says LIVE.
+/// `azgate.yaml` in `dir` for one worker with a plaintext (trusted-front) listener, an admin
+/// listener and `filter.wasm`; returns both addresses and the file.
+fn plaintext_gateway(dir: &std::path::Path) -> (SocketAddr, SocketAddr, std::path::PathBuf) {
+    let (listen, admin) = (free_port(), free_port());
+    let path = write_config(
+        dir,
+        &format!(
+            "workers: 1\nlisteners:\n  - name: front\n    address: {listen}\n    plaintext_behind_trusted_front: true\n\
+             admin:\n  address: {admin}\nfilter:\n  path: filter.wasm\n"
+        ),
+    );
+    (listen, admin, path)
+}
+
 async fn start_ready(
     path: &std::path::Path,
     admin: SocketAddr,
@@ -113,14 +127,7 @@ async fn start_ready(
 async fn a_trap_fails_closed_the_vm_is_replaced_and_metrics_show_it() {
     let dir = temp_dir("trap");
     std::fs::write(dir.join("filter.wasm"), wat::parse_str(FILTER).unwrap()).unwrap();
-    let (listen, admin) = (free_port(), free_port());
-    let path = write_config(
-        &dir,
-        &format!(
-            "workers: 1\nlisteners:\n  - name: front\n    address: {listen}\n    plaintext_behind_trusted_front: true\n\
-             admin:\n  address: {admin}\nfilter:\n  path: filter.wasm\n"
-        ),
-    );
+    let (listen, admin, path) = plaintext_gateway(&dir);
     let (running, stop_tx) = start_ready(&path, admin).await;
     let base = format!("http://{listen}");
 
@@ -559,14 +566,7 @@ fn private_code_dirs() -> Vec<std::path::PathBuf> {
 async fn the_azgate_binary_compiles_the_filter_in_a_child_and_leaves_no_cache_behind() {
     let dir = temp_dir("child-compile");
     std::fs::write(dir.join("filter.wasm"), wat::parse_str(FILTER).unwrap()).unwrap();
-    let (listen, admin) = (free_port(), free_port());
-    let path = write_config(
-        &dir,
-        &format!(
-            "workers: 1\nlisteners:\n  - name: front\n    address: {listen}\n    plaintext_behind_trusted_front: true\n\
-             admin:\n  address: {admin}\nfilter:\n  path: filter.wasm\n"
-        ),
-    );
+    let (listen, _, path) = plaintext_gateway(&dir);
     assert!(private_code_dirs().is_empty());
     let config = ServeConfig::load(&path).expect("valid configuration");
     let (stop_tx, stop_rx) = watch::channel(false);

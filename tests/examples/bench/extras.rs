@@ -99,6 +99,19 @@ async fn measure_unpinned(bench: &Bench, args: &Args) -> Result<Extras> {
     })
 }
 
+/// Starts `runtime` with serve's compiled-code cache at `cache_dir` (`None`: none).
+async fn start_with_cache(
+    bench: &Bench,
+    runtime: Runtime,
+    cache_dir: Option<std::path::PathBuf>,
+) -> Result<topology::Gateway> {
+    let options = topology::Options {
+        cache_dir,
+        ..bench.gateway_options(None)
+    };
+    bench.start_gateway(runtime, &options).await
+}
+
 /// Starts `runtime` (pinned like the rounds' gateways once it runs); returns ms to `/ready`
 /// and ms to the first answered request through it.
 async fn start_once(
@@ -106,12 +119,8 @@ async fn start_once(
     runtime: Runtime,
     cache_dir: Option<std::path::PathBuf>,
 ) -> Result<(f64, f64)> {
-    let options = topology::Options {
-        cache_dir,
-        ..bench.gateway_options(None)
-    };
     let started = Instant::now();
-    let gateway = bench.start_gateway(runtime, &options).await?;
+    let gateway = start_with_cache(bench, runtime, cache_dir).await?;
     let ready = started.elapsed();
     let endpoint = bench.endpoint(gateway.mtls, Mode::Mtls, "localhost")?;
     load::open_idle(&endpoint, &bench.request(Mode::Mtls)?, 1).await?;
@@ -128,11 +137,7 @@ async fn idle_connections(
     runtime: Runtime,
     cache_dir: Option<std::path::PathBuf>,
 ) -> Result<(f64, f64)> {
-    let options = topology::Options {
-        cache_dir,
-        ..bench.gateway_options(None)
-    };
-    let gateway = bench.start_gateway(runtime, &options).await?;
+    let gateway = start_with_cache(bench, runtime, cache_dir).await?;
     let endpoint = bench.endpoint(gateway.mtls, Mode::Mtls, "localhost")?;
     let shape = bench.request(Mode::Mtls)?;
     let first = load::open_idle(&endpoint, &shape, 1).await?;
