@@ -86,6 +86,16 @@ impl Fields<'_, '_> {
         }
         write_escaped(self.writer, value)
     }
+
+    /// `value` formatted into the scratch buffer, then written as [`Fields::field`] does.
+    fn record_formatted(&mut self, field: &Field, value: fmt::Arguments<'_>) -> fmt::Result {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        let formatted = scratch.write_fmt(value);
+        let written = formatted.and_then(|()| self.field(field, &scratch));
+        self.scratch = scratch;
+        written
+    }
 }
 
 impl Visit for Fields<'_, '_> {
@@ -105,17 +115,6 @@ impl Visit for Fields<'_, '_> {
             return;
         }
         self.result = self.record_formatted(field, format_args!("{value:?}"));
-    }
-}
-
-impl Fields<'_, '_> {
-    fn record_formatted(&mut self, field: &Field, value: fmt::Arguments<'_>) -> fmt::Result {
-        let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.clear();
-        let formatted = scratch.write_fmt(value);
-        let written = formatted.and_then(|()| self.field(field, &scratch));
-        self.scratch = scratch;
-        written
     }
 }
 

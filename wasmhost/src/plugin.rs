@@ -57,9 +57,10 @@ pub struct Plugin {
 
 static NEXT_VM: AtomicU64 = AtomicU64::new(1);
 
-/// The one engine configuration: [`Plugin::load`] and [`Plugin::compile_into_cache`] must agree
-/// on it, since the cache keys compiled code by it.
-fn engine(cache_dir: Option<&Path>) -> Result<Engine, HostError> {
+/// Compiles `wasm` (or loads it from the cache at `cache_dir`) with the one engine
+/// configuration: [`Plugin::load`] and [`Plugin::compile_into_cache`] must agree on it, since
+/// the cache keys compiled code by it.
+fn compile(wasm: &[u8], cache_dir: Option<&Path>) -> Result<(Engine, Module), HostError> {
     let mut config = Config::new();
     if let Some(dir) = cache_dir {
         let mut cache = wasmtime::CacheConfig::new();
@@ -71,7 +72,9 @@ fn engine(cache_dir: Option<&Path>) -> Result<Engine, HostError> {
         // `perf` can then name the filter's functions (/tmp/perf-<pid>.map).
         config.profiler(wasmtime::ProfilingStrategy::PerfMap);
     }
-    Engine::new(&config).map_err(|e| HostError::Compile(e.to_string()))
+    let engine = Engine::new(&config).map_err(|e| HostError::Compile(e.to_string()))?;
+    let module = Module::new(&engine, wasm).map_err(|e| HostError::Compile(format!("{e:#}")))?;
+    Ok((engine, module))
 }
 
 /// The root context id every VM uses (Envoy also gives each VM's root context its own id).
@@ -84,9 +87,7 @@ impl Plugin {
         options: PluginOptions,
         stores: SharedStores,
     ) -> Result<Self, HostError> {
-        let engine = engine(options.cache_dir.as_deref())?;
-        let module =
-            Module::new(&engine, wasm).map_err(|e| HostError::Compile(format!("{e:#}")))?;
+        let (engine, module) = compile(wasm, options.cache_dir.as_deref())?;
         let abi_marker = module.exports().any(|e| {
             matches!(
                 e.name(),
@@ -129,9 +130,7 @@ impl Plugin {
     /// (tens of MB for the azgate filter), and a long-running host that never compiles never
     /// holds it.
     pub fn compile_into_cache(wasm: &[u8], cache_dir: &Path) -> Result<(), HostError> {
-        let engine = engine(Some(cache_dir))?;
-        Module::new(&engine, wasm).map_err(|e| HostError::Compile(format!("{e:#}")))?;
-        Ok(())
+        compile(wasm, Some(cache_dir)).map(drop)
     }
 
     /// Starts a VM: instantiate, `_initialize` (or `_start`), root context, `proxy_on_vm_start`,
