@@ -175,7 +175,7 @@ async fn token_service(bench: &Bench, args: &Args) -> Result<(f64, f64, u64, f64
     let opened = load.open_window();
     tokio::time::sleep(Duration::from_secs_f64(args.seconds)).await;
     let after = procfs::cpu_ticks(pid)?;
-    let window = load.finish(opened).await;
+    let window = load.finish(opened.elapsed()).await;
     if window.errors > 0 {
         bail!("token service: {:?}", window.first_error);
     }

@@ -1,7 +1,8 @@
 //! The load generator: `connections` closed-loop HTTP/1.1 keep-alive clients on the bench
 //! process's one thread (pinned to the core the gateway does not use), each sending the same
 //! request as fast as the answers come. Its own CPU time is measured like the gateways', so its
-//! share of the machine is in the report.
+//! share of the machine is in the report. A load can be paused and resumed with its
+//! connections held open, so that several take turns within one window (see `measure_window`).
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -33,24 +34,33 @@ pub(crate) struct Endpoint {
     pub(crate) server_name: String,
 }
 
+/// Whether the clients send.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    Paused,
+    Sending,
+    Stopped,
+}
+
 /// Shared between the clients and the conductor (one thread: `Rc`/`Cell`).
 #[derive(Default)]
 struct Shared {
-    stop: Cell<bool>,
     measuring: Cell<bool>,
     latencies_us: RefCell<Vec<u32>>,
     errors: Cell<u64>,
     first_error: RefCell<Option<String>>,
 }
 
-/// A running load: clients connected and sending; [`Load::measure`] opens the window.
+/// A load: clients connected, sending or paused; [`Load::open_window`] starts counting.
 pub(crate) struct Load {
     shared: Rc<Shared>,
+    turn: tokio::sync::watch::Sender<Turn>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// What one measured window saw.
 pub(crate) struct Window {
+    /// The time the clients were sending in the window.
     pub(crate) elapsed: Duration,
     /// Answered requests (status 200) in the window, with their latencies.
     pub(crate) latencies_us: Vec<u32>,
@@ -67,14 +77,45 @@ impl Load {
         shape: &RequestShape,
         connections: usize,
     ) -> Result<Self> {
+        let load = Self::connect_paused(endpoint, shape, connections).await?;
+        load.resume();
+        Ok(load)
+    }
+
+    /// Connects `connections` clients to `endpoint`, paused until [`Load::resume`].
+    pub(crate) async fn connect_paused(
+        endpoint: &Endpoint,
+        shape: &RequestShape,
+        connections: usize,
+    ) -> Result<Self> {
         let shared = Rc::new(Shared::default());
+        let (turn, _) = tokio::sync::watch::channel(Turn::Paused);
         let mut tasks = Vec::new();
         for _ in 0..connections {
             let sender = connect(endpoint).await?;
             let (shared, shape) = (shared.clone(), shape.clone());
-            tasks.push(tokio::task::spawn_local(client(sender, shape, shared)));
+            tasks.push(tokio::task::spawn_local(client(
+                sender,
+                shape,
+                shared,
+                turn.subscribe(),
+            )));
         }
-        Ok(Self { shared, tasks })
+        Ok(Self {
+            shared,
+            turn,
+            tasks,
+        })
+    }
+
+    /// The clients send as fast as the answers come.
+    pub(crate) fn resume(&self) {
+        self.turn.send_replace(Turn::Sending);
+    }
+
+    /// The clients send nothing new; requests in flight are still answered (and counted).
+    pub(crate) fn pause(&self) {
+        self.turn.send_replace(Turn::Paused);
     }
 
     /// Marks the start of the measured window.
@@ -84,11 +125,11 @@ impl Load {
         Instant::now()
     }
 
-    /// Closes the window, stops the clients and returns what the window saw.
-    pub(crate) async fn finish(self, opened: Instant) -> Window {
+    /// Closes the window, stops the clients and returns what the window saw; `elapsed` is
+    /// the time the clients were sending in it.
+    pub(crate) async fn finish(self, elapsed: Duration) -> Window {
         self.shared.measuring.set(false);
-        let elapsed = opened.elapsed();
-        self.shared.stop.set(true);
+        self.turn.send_replace(Turn::Stopped);
         for task in self.tasks {
             let _ = task.await;
         }
@@ -172,8 +213,18 @@ where
     Ok(sender)
 }
 
-async fn client(mut sender: Sender, shape: RequestShape, shared: Rc<Shared>) {
-    while !shared.stop.get() {
+async fn client(
+    mut sender: Sender,
+    shape: RequestShape,
+    shared: Rc<Shared>,
+    mut turn: tokio::sync::watch::Receiver<Turn>,
+) {
+    loop {
+        match turn.wait_for(|turn| *turn != Turn::Paused).await {
+            Ok(turn) if *turn == Turn::Sending => {}
+            // Stopped, or the load dropped.
+            _ => return,
+        }
         let started = Instant::now();
         match send(&mut sender, &shape).await {
             Ok(()) => {

@@ -15,14 +15,15 @@
 //!
 //! Every gateway runs at once (idle ones cost nothing) with one worker, pinned with its token
 //! service to one core; the load generator (this process, one thread), the upstream and the
-//! IMDS emulator share the other. A round runs every configuration once, the two members of
-//! each ratio side by side ([`measuring_order`]), each round rotated by one, so slow drift of
-//! the shared host lands on all configurations alike; ratios are taken within a round, then
-//! the median over rounds.
+//! IMDS emulator share the other. A round is one window per client mode in which every
+//! configuration keeps its connections open and they take turns of `--slice` seconds, the two
+//! members of each ratio side by side ([`measuring_order`]), forward then back
+//! ([`Bench::measure_window`]), so the shared host's drift lands on all configurations alike;
+//! ratios are taken within a round, then the median over rounds.
 //!
-//! `bench [--rounds 30] [--seconds 1.25] [--warmup 0.25] [--connections 16] [--max-steal 0.02]
-//!  [--only serve,envoy-filter] [--out bench] [--no-docs] [--no-extras]`; the Makefile builds the `.wasm`, Envoy and a `host`-profile
-//! `azgate` and sets `AZGATE_BIN`.
+//! `bench [--rounds 30] [--seconds 1.25] [--slice 0.125] [--replicas 5] [--warmup 0.25]
+//!  [--connections 16] [--only serve,envoy-filter] [--out bench] [--no-docs] [--no-extras]`;
+//! the Makefile builds the `.wasm`, Envoy and a `host`-profile `azgate` and sets `AZGATE_BIN`.
 
 mod extras;
 mod load;
@@ -123,8 +124,10 @@ pub(crate) struct Args {
     pub(crate) out: PathBuf,
     pub(crate) docs: bool,
     pub(crate) extras: bool,
-    /// Steal time (a fraction of one core) above which a window is measured again.
-    pub(crate) max_steal: f64,
+    /// Seconds of one turn in a window (see `Bench::measure_window`).
+    pub(crate) slice: f64,
+    /// Processes per configuration, measured in turn round by round (see `conduct`).
+    pub(crate) replicas: usize,
     pub(crate) command_line: String,
 }
 
@@ -138,7 +141,8 @@ fn parse_args(argv: &[String]) -> Result<Args> {
         out: topology::repo_root().join("bench"),
         docs: true,
         extras: true,
-        max_steal: 0.02,
+        slice: 0.125,
+        replicas: 5,
         command_line: format!("bench {}", argv.join(" ")).trim().to_string(),
     };
     let mut it = argv.iter();
@@ -153,7 +157,8 @@ fn parse_args(argv: &[String]) -> Result<Args> {
                     "--seconds" => args.seconds = value.parse()?,
                     "--warmup" => args.warmup = value.parse()?,
                     "--connections" => args.connections = value.parse()?,
-                    "--max-steal" => args.max_steal = value.parse()?,
+                    "--slice" => args.slice = value.parse()?,
+                    "--replicas" => args.replicas = value.parse()?,
                     "--out" => args.out = value.into(),
                     "--only" => {
                         let wanted = value
@@ -172,8 +177,11 @@ fn parse_args(argv: &[String]) -> Result<Args> {
             }
         }
     }
-    if args.rounds == 0 || args.connections == 0 {
-        bail!("--rounds and --connections must be at least 1");
+    if args.rounds == 0 || args.connections == 0 || args.replicas == 0 {
+        bail!("--rounds, --connections and --replicas must be at least 1");
+    }
+    if !(args.slice > 0.0 && args.seconds > 0.0) {
+        bail!("--slice and --seconds must be positive");
     }
     Ok(args)
 }
@@ -185,9 +193,6 @@ fn gateway_cpu() -> &'static str {
     CPU.get_or_init(|| if procfs::online_cpus() >= 2 { "1" } else { "0" })
 }
 const LOAD_CPU: &str = "0";
-
-/// Windows per measurement at most (see [`Bench::measure`]).
-const ATTEMPTS: usize = 4;
 
 fn main() -> Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -230,6 +235,8 @@ pub(crate) struct Bench {
 /// A configuration, listening.
 struct Running {
     config: Config,
+    /// Which of the configuration's `--replicas` processes this is.
+    replica: usize,
     mtls: SocketAddr,
     plain: SocketAddr,
     /// The processes whose CPU time is the configuration's (empty for `direct`).
@@ -250,48 +257,70 @@ async fn conduct(args: Args) -> Result<()> {
     procfs::pin(std::process::id(), LOAD_CPU)?;
     procfs::pin(bench.upstream.pid()?, LOAD_CPU)?;
     let configs: Vec<Config> = args.only.clone().unwrap_or_else(|| Config::ALL.to_vec());
+    // Each configuration runs as `--replicas` processes, measured in turn round by round: a
+    // process has a lasting speed of its own (how its code and heap landed in memory; for V8
+    // also what it tiered up), a few per cent for Envoy with the filter, which rounds within
+    // one process cannot average out.
     let mut running = Vec::new();
-    for config in &configs {
-        let started = Instant::now();
-        let target = bench.start(*config).await?;
-        for pid in &target.pids {
-            procfs::pin(*pid, gateway_cpu())?;
+    for replica in 0..args.replicas {
+        for config in &configs {
+            let started = Instant::now();
+            let mut target = bench.start(*config).await?;
+            target.replica = replica;
+            for pid in &target.pids {
+                procfs::pin(*pid, gateway_cpu())?;
+            }
+            eprintln!(
+                "started {:<16} #{replica} in {:>6.0} ms (pids {:?})",
+                config.key(),
+                started.elapsed().as_secs_f64() * 1000.0,
+                target.pids
+            );
+            running.push(target);
         }
-        eprintln!(
-            "started {:<16} in {:>6.0} ms (pids {:?})",
-            config.key(),
-            started.elapsed().as_secs_f64() * 1000.0,
-            target.pids
-        );
-        running.push(target);
     }
     println!(
         "{} rounds x {} configurations, {} s measured after {} s warm-up each, {} connections; \
          gateways on CPU {}, load + upstream on CPU {LOAD_CPU}",
         args.rounds,
-        running.len() * Mode::ALL.len(),
+        configs.len() * Mode::ALL.len(),
         args.seconds,
         args.warmup,
         args.connections,
         gateway_cpu(),
     );
-    let cases = measuring_order(&running);
-    // Untimed first pass: tokens fetched and cached, code warm, every path proven to answer 200.
+    // Untimed first windows: tokens fetched and cached, code warm, every path proven to answer
+    // 200, in every replica.
     let quick = Args {
         seconds: 0.5,
         warmup: 0.5,
         ..args.clone()
     };
-    for &(i, mode) in &cases {
-        bench.measure(&running[i], mode, 0, &quick).await?;
+    for replica in 0..args.replicas {
+        for mode in Mode::ALL {
+            let order = measuring_order(&running, replica);
+            bench.measure_window(&order, mode, 0, &quick).await?;
+        }
     }
     let mut runs = Vec::new();
     for round in 0..args.rounds {
-        for step in 0..cases.len() {
-            let (i, mode) = cases[(step + round) % cases.len()];
-            let run = bench.measure(&running[i], mode, round + 1, &args).await?;
-            println!("{}", run.line());
-            runs.push(run);
+        let mut rotated = measuring_order(&running, round % args.replicas);
+        let by = round % rotated.len().max(1);
+        rotated.rotate_left(by);
+        // Alternate which mode goes first, so neither always follows the other.
+        let modes = if round % 2 == 0 {
+            Mode::ALL
+        } else {
+            [Mode::ALL[1], Mode::ALL[0]]
+        };
+        for mode in modes {
+            for run in bench
+                .measure_window(&rotated, mode, round + 1, &args)
+                .await?
+            {
+                println!("{}", run.line());
+                runs.push(run);
+            }
         }
     }
     let extras = if args.extras {
@@ -390,6 +419,7 @@ impl Bench {
             let plain = gateway.plain.context("the gateway has no plain listener")?;
             Ok::<_, anyhow::Error>(Running {
                 config,
+                replica: 0,
                 mtls: gateway.mtls,
                 plain,
                 pids: gateway.pids(),
@@ -399,6 +429,7 @@ impl Bench {
         match config {
             Config::Direct => Ok(Running {
                 config,
+                replica: 0,
                 mtls: self.upstream.first,
                 plain: self.upstream.second,
                 pids: Vec::new(),
@@ -408,6 +439,7 @@ impl Bench {
                 let proxy = roles::spawn("bare-proxy", &self.dir, Some(upstream_tls)).await?;
                 Ok(Running {
                     config,
+                    replica: 0,
                     mtls: proxy.first,
                     plain: proxy.second,
                     pids: vec![proxy.pid()?],
@@ -487,6 +519,7 @@ impl Bench {
         .await?;
         Ok(Running {
             config,
+            replica: 0,
             mtls,
             plain,
             pids: vec![child.id().context("envoy exited")?],
@@ -533,105 +566,160 @@ impl Bench {
         })
     }
 
-    /// Measures `target` once, again (up to [`ATTEMPTS`] in all) while the hypervisor took more
-    /// than `--max-steal` of either core during the window: the shared host's noise shows up
-    /// as steal time, and a window with much of it measures the neighbours, not the gateway.
-    async fn measure(
+    /// Measures every configuration in `targets` in one window of `mode`. Each has its
+    /// connections open throughout and gets `--seconds` of load in slices of about `--slice`,
+    /// taking turns: forward through `targets`, then backward, and so on, so every
+    /// configuration's mean position in the window is the same. Neighbours are measured a slice
+    /// apart, and the shared host's drift (which moves absolute figures by 2× within minutes)
+    /// lands on all of them alike.
+    ///
+    /// A configuration's CPU time is read before and after the whole window: it does nothing
+    /// while the others take their turns (its idle cost is in its figure), and requests still
+    /// in flight when its slice ends are answered, by it, in the next one and counted as its own.
+    /// The load generator's and the upstream's CPU time and the steal time are read at every
+    /// turn and charged to the configuration whose turn it was.
+    async fn measure_window(
         &self,
-        target: &Running,
+        targets: &[&Running],
         mode: Mode,
         round: usize,
         args: &Args,
-    ) -> Result<Run> {
-        let mut attempt = 1;
-        loop {
-            let mut run = self.measure_once(target, mode, round, args).await?;
-            run.attempts = attempt;
-            // The untimed warm-up pass (round 0) is not measured again.
-            if run.steal <= args.max_steal || attempt == ATTEMPTS || round == 0 {
-                return Ok(run);
-            }
-            eprintln!(
-                "round {round} {} {}: {:.1} % steal in the window; measuring again",
-                target.config.key(),
-                mode.key(),
-                run.steal * 100.0
-            );
-            attempt += 1;
+    ) -> Result<Vec<Run>> {
+        let shape = self.request(mode)?;
+        let mut loads = Vec::with_capacity(targets.len());
+        for target in targets {
+            let (addr, server_name) = match (target.config, mode) {
+                (Config::Direct, Mode::Mtls) => (target.mtls, "management.azure.com"),
+                (_, Mode::Mtls) => (target.mtls, "localhost"),
+                (_, Mode::Plain) => (target.plain, "localhost"),
+            };
+            let endpoint = self.endpoint(addr, mode, server_name)?;
+            let load = Load::connect_paused(&endpoint, &shape, args.connections)
+                .await
+                .with_context(|| format!("{} {}", target.config.key(), mode.key()))?;
+            loads.push(load);
         }
-    }
+        for load in &loads {
+            load.resume();
+            tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
+            load.pause();
+        }
+        tokio::time::sleep(DRAIN).await;
 
-    async fn measure_once(
-        &self,
-        target: &Running,
-        mode: Mode,
-        round: usize,
-        args: &Args,
-    ) -> Result<Run> {
-        let (addr, server_name) = match (target.config, mode) {
-            (Config::Direct, Mode::Mtls) => (target.mtls, "management.azure.com"),
-            (_, Mode::Mtls) => (target.mtls, "localhost"),
-            (_, Mode::Plain) => (target.plain, "localhost"),
-        };
-        let endpoint = self.endpoint(addr, mode, server_name)?;
-        let load = Load::start(&endpoint, &self.request(mode)?, args.connections)
-            .await
-            .with_context(|| format!("{} {}", target.config.key(), mode.key()))?;
-        tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
         let own = std::process::id();
         let upstream = self.upstream.pid()?;
-        let before = (
-            procfs::cpu_ticks_of(&target.pids)?,
-            procfs::cpu_ticks(own)?,
-            procfs::cpu_ticks(upstream)?,
-        );
         let cores = [gateway_cpu(), LOAD_CPU];
-        let steal_before = cores.map(procfs::steal_ticks);
-        let opened = load.open_window();
-        let mut peak_rss = procfs::rss_bytes_of(&target.pids)?;
-        let window = Duration::from_secs_f64(args.seconds);
-        while opened.elapsed() < window {
-            let left = window.saturating_sub(opened.elapsed());
-            tokio::time::sleep(left.min(Duration::from_millis(100))).await;
-            peak_rss = peak_rss.max(procfs::rss_bytes_of(&target.pids)?);
+        let steal = || cores.map(procfs::steal_ticks);
+        let mut turns: Vec<Turns> = targets
+            .iter()
+            .map(|target| Ok(Turns::new(procfs::rss_bytes_of(&target.pids)?)))
+            .collect::<Result<_>>()?;
+        let gateway_before = targets
+            .iter()
+            .map(|target| procfs::cpu_ticks_of(&target.pids))
+            .collect::<Result<Vec<_>>>()?;
+        for load in &loads {
+            load.open_window();
         }
-        let after = (
-            procfs::cpu_ticks_of(&target.pids)?,
-            procfs::cpu_ticks(own)?,
-            procfs::cpu_ticks(upstream)?,
-        );
-        let steal_after = cores.map(procfs::steal_ticks);
-        let seen = load.finish(opened).await;
-        let window_ticks = seen.elapsed.as_secs_f64() * procfs::clock_ticks_per_second() as f64;
-        let steal = (0..cores.len())
-            .map(|i| (steal_after[i] - steal_before[i]) as f64 / window_ticks.max(1.0))
-            .fold(0.0, f64::max);
-        if seen.errors > 0 {
-            bail!(
-                "{} {}: {} failed requests; first: {}",
-                target.config.key(),
-                mode.key(),
-                seen.errors,
-                seen.first_error.unwrap_or_default()
+        let slices = (args.seconds / args.slice).round().max(1.0) as usize;
+        let slice = Duration::from_secs_f64(args.seconds / slices as f64);
+        for cycle in 0..slices {
+            for step in 0..targets.len() {
+                let i = if cycle % 2 == 0 {
+                    step
+                } else {
+                    targets.len() - 1 - step
+                };
+                let before = (
+                    procfs::cpu_ticks(own)?,
+                    procfs::cpu_ticks(upstream)?,
+                    steal(),
+                );
+                let started = Instant::now();
+                loads[i].resume();
+                tokio::time::sleep(slice).await;
+                let rss = procfs::rss_bytes_of(&targets[i].pids)?;
+                loads[i].pause();
+                let turn = &mut turns[i];
+                turn.sending += started.elapsed();
+                turn.peak_rss = turn.peak_rss.max(rss);
+                turn.load_ticks += procfs::cpu_ticks(own)? - before.0;
+                turn.upstream_ticks += procfs::cpu_ticks(upstream)? - before.1;
+                let after = steal();
+                turn.steal_ticks += (0..cores.len())
+                    .map(|core| after[core].saturating_sub(before.2[core]))
+                    .max()
+                    .unwrap_or(0);
+            }
+        }
+        tokio::time::sleep(DRAIN).await;
+        let gateway_after = targets
+            .iter()
+            .map(|target| procfs::cpu_ticks_of(&target.pids))
+            .collect::<Result<Vec<_>>>()?;
+
+        let mut runs = Vec::with_capacity(targets.len());
+        for (i, load) in loads.into_iter().enumerate() {
+            let (target, turn) = (targets[i], &turns[i]);
+            let seen = load.finish(turn.sending).await;
+            if seen.errors > 0 {
+                bail!(
+                    "{} {}: {} failed requests; first: {}",
+                    target.config.key(),
+                    mode.key(),
+                    seen.errors,
+                    seen.first_error.unwrap_or_default()
+                );
+            }
+            let sending_ticks =
+                turn.sending.as_secs_f64() * procfs::clock_ticks_per_second() as f64;
+            let mut run = Run::new(
+                target.config,
+                mode,
+                round,
+                seen,
+                (
+                    gateway_after[i] - gateway_before[i],
+                    turn.load_ticks,
+                    turn.upstream_ticks,
+                ),
+                turn.peak_rss,
+                turn.steal_ticks as f64 / sending_ticks.max(1.0),
             );
+            run.replica = target.replica;
+            runs.push(run);
         }
-        Ok(Run::new(
-            target.config,
-            mode,
-            round,
-            seen,
-            (after.0 - before.0, after.1 - before.1, after.2 - before.2),
-            peak_rss,
-            steal,
-        ))
+        Ok(runs)
     }
 }
 
-/// The order of one round: every configuration of one mode, then of the other, each with the
-/// partners of its ratios beside it (c–d, d–f, f–e; b two steps from d), so the two members
-/// of a ratio are measured seconds apart and the host's drift between them stays small.
-/// Rounds rotate this cycle, which keeps neighbours neighbours.
-fn measuring_order(running: &[Running]) -> Vec<(usize, Mode)> {
+/// Long enough for requests in flight when a load pauses to be answered (p99 is a few ms).
+const DRAIN: Duration = Duration::from_millis(50);
+
+/// What one configuration's turns in a window added up to.
+struct Turns {
+    sending: Duration,
+    peak_rss: u64,
+    load_ticks: u64,
+    upstream_ticks: u64,
+    steal_ticks: u64,
+}
+
+impl Turns {
+    fn new(rss: u64) -> Self {
+        Self {
+            sending: Duration::ZERO,
+            peak_rss: rss,
+            load_ticks: 0,
+            upstream_ticks: 0,
+            steal_ticks: 0,
+        }
+    }
+}
+
+/// The order of a window, from the `replica`-th process of each configuration: the partners
+/// of each ratio side by side (c–d, d–f, f–e; b two steps from d). Rounds rotate it by one.
+fn measuring_order(running: &[Running], replica: usize) -> Vec<&Running> {
     const CYCLE: [Config; 7] = [
         Config::Direct,
         Config::BareHyper,
@@ -641,16 +729,9 @@ fn measuring_order(running: &[Running]) -> Vec<(usize, Mode)> {
         Config::EnvoyRouter,
         Config::EnvoyJwt,
     ];
-    Mode::ALL
+    CYCLE
         .into_iter()
-        .flat_map(|mode| {
-            CYCLE.into_iter().filter_map(move |config| {
-                running
-                    .iter()
-                    .position(|r| r.config == config)
-                    .map(|i| (i, mode))
-            })
-        })
+        .filter_map(|config| running.iter().filter(|r| r.config == config).nth(replica))
         .collect()
 }
 

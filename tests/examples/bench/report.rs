@@ -18,6 +18,8 @@ pub(crate) struct Run {
     pub(crate) mode: Mode,
     /// 1-based; 0 is the untimed warm-up pass.
     pub(crate) round: usize,
+    /// Which of the configuration's processes was measured.
+    pub(crate) replica: usize,
     pub(crate) requests: usize,
     pub(crate) rps: f64,
     pub(crate) p50_us: f64,
@@ -28,10 +30,9 @@ pub(crate) struct Run {
     /// The load generator's (this process's) CPU per request.
     pub(crate) load_cpu_us_per_req: f64,
     pub(crate) upstream_cpu_us_per_req: f64,
-    /// The larger steal time of the two cores in the window, as a fraction of the window.
+    /// The larger steal time of the two cores in the configuration's turns, as a fraction of
+    /// its sending time.
     pub(crate) steal: f64,
-    /// Windows it took to get one with little steal (see `Bench::measure`).
-    pub(crate) attempts: usize,
 }
 
 impl Run {
@@ -63,6 +64,7 @@ impl Run {
             config,
             mode,
             round,
+            replica: 0,
             requests,
             rps: requests as f64 / window.elapsed.as_secs_f64(),
             p50_us: quantile(0.50),
@@ -72,7 +74,6 @@ impl Run {
             load_cpu_us_per_req: per_request(ticks.1),
             upstream_cpu_us_per_req: per_request(ticks.2),
             steal,
-            attempts: 1,
         }
     }
 
@@ -99,11 +100,12 @@ impl Run {
     fn to_json(&self) -> Value {
         json!({
             "configuration": self.config.key(), "mode": self.mode.key(), "round": self.round,
+            "replica": self.replica,
             "requests": self.requests, "rps": self.rps, "p50_us": self.p50_us,
             "p99_us": self.p99_us, "cpu_us_per_req": self.cpu_us_per_req,
             "rss_mb": self.rss_mb, "load_cpu_us_per_req": self.load_cpu_us_per_req,
             "upstream_cpu_us_per_req": self.upstream_cpu_us_per_req,
-            "steal": self.steal, "attempts": self.attempts,
+            "steal": self.steal,
         })
     }
 }
@@ -319,7 +321,8 @@ impl Report {
                 "rounds": args.rounds, "seconds": args.seconds, "warmup_seconds": args.warmup,
                 "connections": args.connections,
                 "gateway_cpu": crate::gateway_cpu(), "load_cpu": crate::LOAD_CPU,
-                "gateway_workers": 1, "max_steal": args.max_steal,
+                "gateway_workers": 1, "slice_seconds": args.slice,
+                "replicas": args.replicas,
             }),
             command_line: args.command_line.clone(),
         }
@@ -523,10 +526,16 @@ impl Report {
              Written by `make bench` ({command}); do not edit by hand. Commit {commit}.\n\n\
              **Machine:** {cpus} × {model}, Linux {kernel}; the host is shared with other work, so \
              absolute figures drift within minutes — compare ratios, which are taken within a round.\n\n\
-             **Method.** {rounds} interleaved rounds; a round runs every configuration once for \
-             {seconds} s (after {warmup} s of warm-up), in an order that puts the two members of \
-             each ratio side by side (all of one client mode, then the other), rotated by one each \
-             round. The load is \
+             **Method.** {rounds} interleaved rounds. A round is one window per client mode (the \
+             mode that goes first alternates). In a window every configuration holds its \
+             connections open and gets {seconds} s of load (after {warmup} s of warm-up) in turns of \
+             {slice} s: through the configurations in an order that puts the two members of each \
+             ratio side by side, then back, and so on, so they are measured a turn apart and every \
+             configuration's mean position in the window is the same; the order is rotated by one \
+             each round. Each configuration runs as {replicas} processes, started before the \
+             rounds and measured in turn round by round, because a process keeps a speed of its \
+             own for its life (a few per cent for Envoy with the filter). The host's drift, which moves absolute figures by up to 2× within \
+             minutes, thus lands on both members of a ratio alike. The load is \
              {connections} closed-loop HTTP/1.1 keep-alive connections from one thread of the bench \
              process; every request is an allowed `az`-style call (the user's proof-of-possession \
              JWT, `X-Forwarded-Host: management.azure.com`; with mTLS the Teleport app certificate, \
@@ -534,14 +543,14 @@ impl Report {
              the MSI token is cached: the steady state. Each gateway has one worker and is pinned \
              with its token service to CPU {gateway_cpu}; the load generator, the upstream (a \
              hyper TLS server answering `{{\"value\":[]}}`) and the IMDS emulator are pinned to \
-             CPU {load_cpu}. A window in which the hypervisor's steal time on either core \
-             exceeded {max_steal} % is measured again, up to 4 windows ({retried} of {windows} \
-             windows were). *CPU µs/req* is utime + stime of the configuration's processes \
-             (`/proc/<pid>/stat`, every thread; for (f) also `azgate token-service`) over the window \
-             divided by the requests answered in it; *peak RSS* is the largest VmRSS sampled every \
-             100 ms in the window (gateway + token service). The load generator's and the upstream's \
-             own CPU per request are in the last two columns: they bound what the load core can \
-             drive.\n\n\
+             CPU {load_cpu}. *CPU µs/req* is utime + stime of the configuration's processes \
+             (`/proc/<pid>/stat`, every thread; for (f) also `azgate token-service`) from the start \
+             to the end of the window (idle while the others take their turns) divided by the \
+             requests it answered; *rps* is those requests over its sending time; *peak RSS* is \
+             the largest VmRSS sampled at the end of each of its turns (gateway + token service). \
+             The load generator's and the upstream's own CPU per request (read at every turn) are \
+             in the last two columns: they bound what the load core can drive. *Steal* is the \
+             hypervisor's steal time on either core during the configuration's turns.\n\n\
              Configurations: (a) the upstream directly; (b) a bare hyper proxy (mTLS or plain in, \
              TLS out, a fixed token: the ceiling); (c) `azgate serve` with a no-op proxy-wasm \
              module (`bench/noop.wat`: the VM runs, no filter logic); (d) `azgate serve` with the \
@@ -564,19 +573,8 @@ impl Report {
             connections = settings["connections"],
             gateway_cpu = settings["gateway_cpu"].as_str().unwrap_or("?"),
             load_cpu = settings["load_cpu"].as_str().unwrap_or("?"),
-            max_steal = settings["max_steal"].as_f64().unwrap_or(0.0) * 100.0,
-            retried = self
-                .runs
-                .iter()
-                .filter(|r| r.round > 0)
-                .map(|r| r.attempts - 1)
-                .sum::<usize>(),
-            windows = self
-                .runs
-                .iter()
-                .filter(|r| r.round > 0)
-                .map(|r| r.attempts)
-                .sum::<usize>(),
+            slice = settings["slice_seconds"],
+            replicas = settings["replicas"],
             table = self.table(),
             ratios = self.ratio_table(),
         );
