@@ -549,8 +549,8 @@ impl Report {
              requests it answered; *rps* is those requests over its sending time; *peak RSS* is \
              the largest VmRSS sampled at the end of each of its turns (gateway + token service). \
              The load generator's and the upstream's own CPU per request (read at every turn) are \
-             in the last two columns: they bound what the load core can drive. *Steal* is the \
-             hypervisor's steal time on either core during the configuration's turns.\n\n\
+             in the last two columns: they bound what the load core can drive. *Steal* (in \
+             `bench/results.json`) is the hypervisor's steal time on either core during the configuration's turns.\n\n\
              Configurations: (a) the upstream directly; (b) a bare hyper proxy (mTLS or plain in, \
              TLS out, a fixed token: the ceiling); (c) `azgate serve` with a no-op proxy-wasm \
              module (`bench/noop.wat`: the VM runs, no filter logic); (d) `azgate serve` with the \
