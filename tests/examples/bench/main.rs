@@ -608,8 +608,14 @@ impl Bench {
 
         let own = std::process::id();
         let upstream = self.upstream.pid()?;
-        let cores = [gateway_cpu(), LOAD_CPU];
-        let steal = || cores.map(procfs::steal_ticks);
+        // Read at every turn's end, and charged to that turn.
+        let mark = || -> Result<(u64, u64, [u64; 2])> {
+            Ok((
+                procfs::cpu_ticks(own)?,
+                procfs::cpu_ticks(upstream)?,
+                procfs::steal_ticks([gateway_cpu(), LOAD_CPU]),
+            ))
+        };
         let mut turns: Vec<Turns> = targets
             .iter()
             .map(|target| Ok(Turns::new(procfs::rss_bytes_of(&target.pids)?)))
@@ -621,6 +627,7 @@ impl Bench {
         for load in &loads {
             load.open_window();
         }
+        let mut last = mark()?;
         let slices = (args.seconds / args.slice).round().max(1.0) as usize;
         let slice = Duration::from_secs_f64(args.seconds / slices as f64);
         for cycle in 0..slices {
@@ -630,11 +637,6 @@ impl Bench {
                 } else {
                     targets.len() - 1 - step
                 };
-                let before = (
-                    procfs::cpu_ticks(own)?,
-                    procfs::cpu_ticks(upstream)?,
-                    steal(),
-                );
                 let started = Instant::now();
                 loads[i].resume();
                 tokio::time::sleep(slice).await;
@@ -643,13 +645,14 @@ impl Bench {
                 let turn = &mut turns[i];
                 turn.sending += started.elapsed();
                 turn.peak_rss = turn.peak_rss.max(rss);
-                turn.load_ticks += procfs::cpu_ticks(own)? - before.0;
-                turn.upstream_ticks += procfs::cpu_ticks(upstream)? - before.1;
-                let after = steal();
-                turn.steal_ticks += (0..cores.len())
-                    .map(|core| after[core].saturating_sub(before.2[core]))
+                let now = mark()?;
+                turn.load_ticks += now.0 - last.0;
+                turn.upstream_ticks += now.1 - last.1;
+                turn.steal_ticks += (0..now.2.len())
+                    .map(|core| now.2[core].saturating_sub(last.2[core]))
                     .max()
                     .unwrap_or(0);
+                last = now;
             }
         }
         tokio::time::sleep(DRAIN).await;

@@ -51,20 +51,19 @@ pub(crate) fn ticks_to_duration(ticks: u64, per_second: u64) -> Duration {
     Duration::from_secs_f64(ticks as f64 / per_second.max(1) as f64)
 }
 
-/// Steal time of CPU `cpu` (a number, as `taskset` takes it) in clock ticks: time the
-/// hypervisor ran something else while this core had work (`/proc/stat`, 8th value). 0 when
-/// the kernel does not say.
-pub(crate) fn steal_ticks(cpu: &str) -> u64 {
-    let prefix = format!("cpu{cpu} ");
-    std::fs::read_to_string("/proc/stat")
-        .ok()
-        .and_then(|stat| {
-            stat.lines()
-                .find(|line| line.starts_with(&prefix))
-                .and_then(|line| line.split_whitespace().nth(8))
-                .and_then(|steal| steal.parse().ok())
-        })
-        .unwrap_or(0)
+/// Steal time of each CPU in `cpus` (numbers, as `taskset` takes them) in clock ticks: time
+/// the hypervisor ran something else while that core had work (`/proc/stat`, 8th value, read
+/// once for all of them). 0 for a core the kernel says nothing of.
+pub(crate) fn steal_ticks<const N: usize>(cpus: [&str; N]) -> [u64; N] {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    cpus.map(|cpu| {
+        let prefix = format!("cpu{cpu} ");
+        stat.lines()
+            .find(|line| line.starts_with(&prefix))
+            .and_then(|line| line.split_whitespace().nth(8))
+            .and_then(|steal| steal.parse().ok())
+            .unwrap_or(0)
+    })
 }
 
 /// Resident set size of `pid` in bytes (VmRSS).
